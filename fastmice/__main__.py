@@ -1,0 +1,5 @@
+import sys
+
+from fastmice.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""The `fastmice` command: train, eval, data."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "digits"
+
+TRAIN_HELP = """\
+Train a clustering model. CONFIG is a YAML file or the name of a bundled config
+(digits, cifar10, cifar100_20, stl10, imagenet_dog); without one, the embedded default trains
+MiCE on scikit-learn's bundled digits (no download, a few minutes on a CPU).
+
+Any setting can be overridden as --section.key=value, e.g.
+  fastmice train cifar10 --data.root=~/data/cifar10-jpeg --optim.epochs=200 --train.run_name=c10
+Sections: data, augment, model, optim, train, eval (see fastmice/config.py for every key).
+"""
+
+
+def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    overrides = []
+    for item in extra:
+        if item.startswith("--") and "=" in item and "." in item.split("=", 1)[0]:
+            overrides.append(item)
+        else:
+            parser.error(f"unrecognised argument {item!r} (settings are given as --section.key=value)")
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fastmice.config import load_config, parse_overrides
+    from fastmice.evaluate import evaluate_model, format_results
+    from fastmice.train import Trainer
+
+    if args.resume:
+        if args.config:
+            print("note: --resume uses the config saved in the run folder; CONFIG is ignored", file=sys.stderr)
+        trainer = Trainer.resume(args.resume, parse_overrides(overrides))
+        print(f"resuming {trainer.run_dir} at epoch {trainer.epoch}, step {trainer.global_step}")
+    else:
+        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+        trainer = Trainer(cfg, args.run_dir)
+        print(f"run folder: {trainer.run_dir}")
+    ds = trainer.dataset
+    print(f"data: {ds.name}, {len(ds)} images of {trainer.image_size}px"
+          + (f", {len(ds.skipped)} unreadable skipped" if ds.skipped else "")
+          + f"; device {trainer.device}; {trainer.batches.steps_per_epoch} steps per epoch")
+    summary = trainer.fit()
+    print(f"training {summary['status']}: epoch {summary['epoch']}, step {summary['global_step']}, "
+          f"loss {summary['loss']:.4f}")
+    if summary["status"] == "interrupted":
+        return 130
+    if trainer.cfg.eval.at_end:
+        result = evaluate_model(trainer.model, ds, trainer.cfg, trainer.device, trainer.run_dir,
+                                trainer.crop_size, trainer.precision.autocast, trainer.precision.channels_last)
+        print(format_results(result))
+        print(f"written to {trainer.run_dir}: eval.json, assignments.csv, cluster_sizes.png"
+              + (", confusion.png" if ds.labels is not None else ""))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fastmice.config import parse_overrides
+    from fastmice.evaluate import evaluate_run, format_results
+
+    result = evaluate_run(args.run, device=args.device, overrides=parse_overrides(overrides))
+    print(format_results(result))
+    print(f"written to {Path(args.run)}: eval.json, assignments.csv, cluster_sizes.png")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmice", description="Deep clustering with mixtures of "
+                                     "contrastive embeddings (MiCE, ICLR 2021).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (default: MiCE on the bundled digits)", description=TRAIN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML file or bundled config name (default: digits)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its checkpoint")
+    p.add_argument("--run-dir", metavar="DIR", help="run folder (default: train.out_dir/<name>-<date>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint: ACC/NMI/ARI, assignments, pictures",
+                       description="Evaluate RUN/checkpoint.pt on its dataset without augmentation. Writes "
+                       "eval.json, assignments.csv, cluster_sizes.png and confusion.png (with labels) into RUN. "
+                       "Overrides such as --data.root=PATH point it at moved data.")
+    p.add_argument("run", metavar="RUN", help="run folder holding checkpoint.pt")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.set_defaults(func=cmd_eval)
+
+    from fastmice.data.prepare import add_data_arguments
+    add_data_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "data":
+        if extra:
+            parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        from fastmice.data.prepare import run_data_command
+        return run_data_command(args)
+    overrides = _split_overrides(extra, parser)
+    from fastmice.config import ConfigError
+    from fastmice.data.sources import DataError
+    try:
+        return args.func(args, overrides)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"fastmice: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ == "NonFiniteLossError":
+            print(f"fastmice: error: {e}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

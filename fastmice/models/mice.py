@@ -1,0 +1,129 @@
+"""MiCE: a student with K expert heads and a gating head, an EMA teacher, the queue and the prototypes.
+
+Follows MoCo's builder, made explicit: the queue, its pointer and the end-of-epoch mu accumulators are
+buffers (so they are checkpointed with the model), and the EMA update, the enqueue and the mu update are
+no-grad methods the trainer calls. Nothing here moves tensors between devices or synchronises with the host.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastmice.loss import mice_elbo
+from fastmice.models.resnet import ResNet
+from fastmice.prototypes import mmd_prototypes
+
+
+@dataclass
+class MiCEOutput:
+    loss: Tensor       # 0-dim negative ELBO
+    posterior: Tensor  # (B, K) detached
+    v: Tensor          # (B, K, D) teacher embeddings of x_v, to enqueue and to accumulate into mu
+
+
+class ExpertEmbedder(nn.Module):
+    """Backbone followed by K linear expert heads, each L2-normalised: the student's and teacher's f/v."""
+
+    def __init__(self, backbone: ResNet, k: int, dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.k, self.dim = k, dim
+        self.experts = nn.Linear(backbone.out_dim, k * dim)  # K heads 512 -> D as one matmul
+
+    def heads(self, h: Tensor) -> Tensor:              # (B, F) -> (B, K, D)
+        return F.normalize(self.experts(h).view(-1, self.k, self.dim).float(), dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.heads(self.backbone(x))
+
+
+class MiCE(nn.Module):
+    def __init__(self, backbone: ResNet, k: int, dim: int = 128, queue_size: int = 16384,
+                 tau: float = 1.0, kappa: float = 1.0, ema_momentum: float = 0.999,
+                 queue_dtype: torch.dtype = torch.float32, single_pass: bool = False):
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"number of clusters K must be >= 1, got {k}")
+        if queue_size < 1:
+            raise ValueError(f"queue size must be >= 1, got {queue_size}")
+        self.k, self.dim, self.queue_size = k, dim, queue_size
+        self.tau, self.kappa, self.ema_momentum = tau, kappa, ema_momentum
+        self.single_pass = single_pass
+        self.student = ExpertEmbedder(backbone, k, dim)
+        self.gate = nn.Linear(backbone.out_dim, dim)  # gating head on the shared student backbone
+        self.teacher = copy.deepcopy(self.student)     # teacher.params = student.params at start
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        # Expert prototypes: trained by SGD and reset analytically each epoch (Eq. 13); random unit vectors
+        # to start (the official code left them as uninitialised memory).
+        self.mu = nn.Parameter(F.normalize(torch.randn(k, dim), dim=1))
+        self.register_buffer("omega", mmd_prototypes(k, dim))                       # (K, D) fixed
+        self.register_buffer("queue", F.normalize(torch.randn(k, queue_size, dim), dim=-1).to(queue_dtype))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mu_sum", torch.zeros(k, dim))                        # (K, D)
+        self.register_buffer("mu_count", torch.zeros(k))                           # (K,)
+
+    # ---- training -----------------------------------------------------------------------------------
+    def student_embed(self, x_f: Tensor, x_g: Tensor) -> tuple[Tensor, Tensor]:
+        """Student expert embeddings f (B,K,D) of x_f and gating embeddings g (B,D) of x_g."""
+        if self.single_pass:  # faster, but BatchNorm then sees 2B mixed views instead of B of each
+            h = self.student.backbone(torch.cat([x_f, x_g]))
+            h_f, h_g = h.chunk(2)
+        else:
+            h_f, h_g = self.student.backbone(x_f), self.student.backbone(x_g)
+        return self.student.heads(h_f), F.normalize(self.gate(h_g).float(), dim=-1)
+
+    def forward(self, x_f: Tensor, x_v: Tensor, x_g: Tensor) -> MiCEOutput:
+        with torch.no_grad():
+            v = self.teacher(x_v)                                                  # (B, K, D)
+        f, g = self.student_embed(x_f, x_g)
+        loss, posterior = mice_elbo(f, v, g, self.mu, self.omega, self.queue, self.tau, self.kappa)
+        return MiCEOutput(loss, posterior, v)
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        """teacher <- m * teacher + (1 - m) * student, over parameters (BatchNorm buffers stay the teacher's)."""
+        t = [p for p in self.teacher.parameters()]
+        s = [p.detach() for p in self.student.parameters()]
+        torch._foreach_lerp_(t, s, 1.0 - self.ema_momentum)
+
+    @torch.no_grad()
+    def enqueue(self, v: Tensor) -> None:
+        """Write v (B, K, D) over the oldest B entries, wrapping around; the pointer stays on the device."""
+        b = v.shape[0]
+        if b > self.queue_size:
+            raise ValueError(f"batch of {b} is larger than the queue ({self.queue_size})")
+        idx = (self.queue_ptr + torch.arange(b, device=v.device)) % self.queue_size  # (B,)
+        self.queue.index_copy_(1, idx, v.transpose(0, 1).to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + b) % self.queue_size)
+
+    @torch.no_grad()
+    def accumulate_mu(self, v: Tensor, posterior: Tensor) -> None:
+        """Sum the teacher embeddings v_{n,k} of the samples whose argmax posterior is k (Eq. 13)."""
+        onehot = F.one_hot(posterior.argmax(dim=1), self.k).to(v.dtype)          # (B, K)
+        self.mu_sum += torch.einsum("bk,bkd->kd", onehot, v).float()
+        self.mu_count += onehot.sum(0).float()
+
+    @torch.no_grad()
+    def update_mu(self) -> None:
+        """End of epoch: mu_k <- normalised sum (kept where cluster k received no sample); reset the sums."""
+        nonempty = (self.mu_count > 0).unsqueeze(1)                                # (K, 1)
+        self.mu.copy_(torch.where(nonempty, F.normalize(self.mu_sum, dim=1), self.mu))
+        self.mu_sum.zero_()
+        self.mu_count.zero_()
+
+    # ---- inference ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def infer(self, x: Tensor) -> dict[str, Tensor]:
+        """Deterministic readouts of un-augmented images; the queue is read, never written."""
+        h = self.student.backbone(x)
+        f = self.student.heads(h)
+        g = F.normalize(self.gate(h).float(), dim=-1)
+        v = self.teacher(x)
+        _, posterior = mice_elbo(f, v, g, self.mu, self.omega, self.queue, self.tau, self.kappa)
+        gating = torch.softmax(g @ self.omega.t() / self.kappa, dim=-1)
+        return {"posterior": posterior, "gating": gating, "g": g, "features": h.float()}

@@ -1,0 +1,253 @@
+"""The training loop: data on the device, three augmented views, the MiCE step, EMA, queue, mu, checkpoints.
+
+The hot path never waits on the host: the loss is summed on the device and read only every
+`train.log_every` steps (one sync), where the NaN/inf check also happens.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fastmice.augment import augment_batch
+from fastmice.checkpoint import CHECKPOINT_NAME, atomic_save, host_rng_state, load_checkpoint, restore_host_rng_state
+from fastmice.config import Config, config_from_dict
+from fastmice.data.sources import ImageDataset, load_dataset
+from fastmice.loader import DeviceBatches
+from fastmice.models.mice import MiCE
+from fastmice.models.resnet import ResNet
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; use auto or cpu")
+    return dev
+
+
+@dataclass
+class Precision:
+    autocast: Any              # a context manager factory
+    view_dtype: torch.dtype
+    channels_last: bool
+
+
+def precision_for(cfg: Config, device: torch.device) -> Precision:
+    bf16 = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+    cl = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+    if bf16:
+        return Precision(lambda: torch.autocast(device.type, dtype=torch.bfloat16), torch.bfloat16, cl)
+    return Precision(nullcontext, torch.float32, cl)
+
+
+def build_model(cfg: Config, image_size: int) -> MiCE:
+    m = cfg.model
+    backbone = ResNet(m.arch, m.stem, m.width)
+    return MiCE(backbone, m.num_clusters, m.embed_dim, m.queue_size, m.tau, m.kappa, m.ema_momentum,
+                queue_dtype=getattr(torch, m.queue_dtype), single_pass=m.single_pass)
+
+
+def build_optimizer(cfg: Config, model: MiCE) -> torch.optim.SGD:
+    o = cfg.optim
+    net = [p for n, p in model.named_parameters() if p.requires_grad and n != "mu"]
+    groups = [{"params": net, "weight_decay": o.weight_decay},
+              {"params": [model.mu], "weight_decay": o.weight_decay if o.mu_weight_decay else 0.0}]
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+
+
+def learning_rate(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Step decay at optim.lr_steps (Appendix D) after an optional linear warm-up."""
+    o = cfg.optim
+    lr = o.lr * o.lr_gamma ** sum(epoch >= s for s in o.lr_steps)
+    progress = epoch + step / steps_per_epoch
+    if progress < o.warmup_epochs:
+        lr *= (progress + 1.0 / steps_per_epoch) / o.warmup_epochs
+    return lr
+
+
+def default_run_dir(cfg: Config) -> Path:
+    name = cfg.train.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(cfg.train.out_dir) / name
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, dataset: ImageDataset | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+        self.device = resolve_device(cfg.train.device)
+        self.precision = precision_for(cfg, self.device)
+        torch.manual_seed(cfg.train.seed)
+        self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
+        n = len(self.dataset)
+        if cfg.model.queue_size > n:
+            raise ValueError(f"model.queue_size={cfg.model.queue_size} exceeds the dataset size ({n} images): "
+                             f"positives would come back as negatives; use a queue of at most {n}")
+        if cfg.model.num_clusters > n:
+            raise ValueError(f"model.num_clusters={cfg.model.num_clusters} exceeds the dataset size ({n})")
+        self.image_size = self.dataset.images.shape[-1]
+        self.crop_size = cfg.data.crop_size or self.image_size
+        self.model = build_model(cfg, self.image_size).to(self.device)
+        if self.precision.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(cfg, self.model)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(cfg.train.seed + 1)
+        self.batches = DeviceBatches(self.dataset.images.to(self.device), cfg.optim.batch_size, gen)
+        self.mean = torch.tensor(cfg.data.mean, device=self.device)
+        self.std = torch.tensor(cfg.data.std, device=self.device)
+        self.epoch = 0
+        self.global_step = 0
+        self._stop_requested = False
+
+    # ---- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
+                "batches": self.batches.state_dict(), "rng": host_rng_state(),
+                "image_size": self.image_size, "num_images": len(self.dataset), "time": time.time()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.batches.load_state_dict(state["batches"])
+        restore_host_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Path:
+        path = self.run_dir / CHECKPOINT_NAME
+        atomic_save(self.state_dict(), path)
+        return path
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None) -> "Trainer":
+        """Continue a run from its checkpoint; `overrides` may change e.g. train.epochs."""
+        state = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
+        values = state["config"]
+        for section, keys in (overrides or {}).items():
+            values[section].update(keys) if isinstance(keys, dict) else values.__setitem__(section, keys)
+        trainer = cls(config_from_dict(values), run_dir)
+        trainer.load_state_dict(state)
+        return trainer
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x_f, x_v, x_g: three independent augmentations of the same images."""
+        return [augment_batch(x, self.cfg.augment, self.crop_size, self.mean, self.std,
+                              generator=self.batches.generator, out_dtype=self.precision.view_dtype,
+                              channels_last=self.precision.channels_last) for _ in range(3)]
+
+    def train_step(self, x: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MiCE step on uint8 images x; returns (loss, posterior) as device tensors."""
+        x_f, x_v, x_g = self.views(x)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        with self.precision.autocast():
+            out = self.model(x_f, x_v, x_g)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        self.model.ema_update()
+        self.model.enqueue(out.v)                      # after the loss, as MoCo and the paper do
+        self.model.accumulate_mu(out.v, out.posterior)
+        return out.loss.detach(), out.posterior
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def _request_stop(self, signum, frame) -> None:  # first Ctrl-C: finish the step, checkpoint, exit
+        self._stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one interrupts at once
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def fit(self) -> dict[str, Any]:
+        """Train to optim.epochs (or train.max_steps); returns a summary. Checkpoints on the way."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        spe = self.batches.steps_per_epoch
+        in_main_thread = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if in_main_thread:
+            signal.signal(signal.SIGINT, self._request_stop)
+        status, last_loss = "finished", float("nan")
+        try:
+            while self.epoch < cfg.optim.epochs:
+                if self.batches.epoch_done:
+                    self.batches.start_epoch()
+                loss_sum = torch.zeros((), device=self.device)
+                bad = torch.zeros((), dtype=torch.bool, device=self.device)
+                steps_here, t0 = 0, time.perf_counter()
+                bar = tqdm(total=spe, initial=self.batches.pos, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
+                           disable=not cfg.train.progress, leave=False, dynamic_ncols=True)
+                while not self.batches.epoch_done:
+                    _, x = self.batches.next_batch()
+                    loss, _ = self.train_step(x, learning_rate(cfg, self.epoch, self.batches.pos, spe))
+                    self.batches.advance()
+                    self.global_step += 1
+                    steps_here += 1
+                    loss_sum += loss
+                    bad |= ~torch.isfinite(loss)
+                    last = self.batches.epoch_done or self._stop_requested or self._max_steps_reached()
+                    if steps_here % cfg.train.log_every == 0 or last:
+                        if bool(bad):  # the only host sync: once per log interval
+                            raise NonFiniteLossError(
+                                f"loss became NaN/inf near step {self.global_step} (epoch {self.epoch + 1}); "
+                                f"the last good checkpoint in {self.run_dir} is kept. Try a lower optim.lr "
+                                f"or a longer optim.warmup_epochs.")
+                        last_loss = float(loss_sum) / steps_here
+                        rate = steps_here * cfg.optim.batch_size / (time.perf_counter() - t0)
+                        bar.n = self.batches.pos
+                        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
+                    if self._stop_requested or self._max_steps_reached():
+                        break
+                bar.close()
+                if self._stop_requested or (self._max_steps_reached() and not self.batches.epoch_done):
+                    status = "interrupted" if self._stop_requested else "max_steps"
+                    break
+                self._end_epoch(last_loss, steps_here, time.perf_counter() - t0)
+                if self._max_steps_reached():
+                    status = "max_steps"
+                    break
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        if status != "finished":  # a finished run saved at its last epoch
+            self.save_checkpoint()
+        if status == "interrupted":
+            print(f"interrupted: checkpoint written to {self.run_dir / CHECKPOINT_NAME}; "
+                  f"continue with: fastmice train --resume {self.run_dir}")
+        return {"status": status, "epoch": self.epoch, "global_step": self.global_step, "loss": last_loss}
+
+    def _max_steps_reached(self) -> bool:
+        return self.cfg.train.max_steps is not None and self.global_step >= self.cfg.train.max_steps
+
+    def _end_epoch(self, loss: float, steps: int, seconds: float) -> None:
+        sizes = self.model.mu_count.tolist()   # argmax-posterior cluster sizes of this epoch
+        self.model.update_mu()                 # Eq. 13
+        self.epoch += 1
+        self._write_metrics({
+            "epoch": self.epoch, "step": self.global_step, "loss": loss,
+            "lr": learning_rate(self.cfg, self.epoch - 1, self.batches.steps_per_epoch - 1,
+                                self.batches.steps_per_epoch),
+            "samples_per_s": steps * self.cfg.optim.batch_size / max(seconds, 1e-9),
+            "epoch_seconds": seconds, "cluster_sizes": [int(s) for s in sizes]})
+        if self.epoch % self.cfg.train.checkpoint_every == 0 or self.epoch == self.cfg.optim.epochs:
+            self.save_checkpoint()
