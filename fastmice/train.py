@@ -134,13 +134,17 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None) -> "Trainer":
-        """Continue a run from its checkpoint; `overrides` may change e.g. train.epochs."""
+    def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None,
+               dataset: ImageDataset | None = None) -> "Trainer":
+        """Continue a run from its checkpoint; `overrides` may change e.g. optim.epochs or train.max_steps."""
         state = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
         values = state["config"]
         for section, keys in (overrides or {}).items():
             values[section].update(keys) if isinstance(keys, dict) else values.__setitem__(section, keys)
-        trainer = cls(config_from_dict(values), run_dir)
+        trainer = cls(config_from_dict(values), run_dir, dataset)
+        if len(trainer.dataset) != state["num_images"]:
+            raise ValueError(f"the checkpoint was trained on {state['num_images']} images but the data now has "
+                             f"{len(trainer.dataset)}: resume needs the same dataset")
         trainer.load_state_dict(state)
         return trainer
 
