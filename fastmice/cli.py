@@ -9,8 +9,9 @@ DEFAULT_CONFIG = "digits"
 
 TRAIN_HELP = """\
 Train a clustering model. CONFIG is a YAML file or the name of a bundled config
-(digits, cifar10, cifar100_20, stl10, imagenet_dog); without one, the embedded default trains
-MiCE on scikit-learn's bundled digits (no download, a few minutes on a CPU).
+(digits, cifar10, cifar100_20, stl10, imagenet_dog, and mixem_*, simclr_*, moco_* for cifar10,
+cifar100_20 and stl10); without one, the embedded default trains MiCE on scikit-learn's bundled digits
+(no download, a few minutes on a CPU). The config's `method:` picks mice, mixem, simclr or moco.
 
 Any setting can be overridden as --section.key=value, e.g.
   fastmice train cifar10 --data.root=~/data/cifar10-jpeg --optim.epochs=200 --train.run_name=c10
@@ -39,6 +40,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         trainer = Trainer.resume(args.resume, parse_overrides(overrides))
         print(f"resuming {trainer.run_dir} at epoch {trainer.epoch}, step {trainer.global_step}")
     else:
+        if args.init_from:
+            overrides = overrides + [f"--train.init_from={args.init_from}"]
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
         trainer = Trainer(cfg, args.run_dir)
         print(f"run folder: {trainer.run_dir}")
@@ -80,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML file or bundled config name (default: digits)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its checkpoint")
     p.add_argument("--run-dir", metavar="DIR", help="run folder (default: train.out_dir/<name>-<date>)")
+    p.add_argument("--init-from", metavar="CKPT", help="start the backbone from another run's checkpoint "
+                   "(a run folder or checkpoint.pt; e.g. SimCLR before MIX'EM); same as --train.init_from")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint: ACC/NMI/ARI, assignments, pictures",
@@ -112,10 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmice: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        if type(e).__name__ == "NonFiniteLossError":
+        from fastmice.train import NonFiniteLossError
+        if isinstance(e, NonFiniteLossError):
             print(f"fastmice: error: {e}", file=sys.stderr)
             return 3
         raise
+    except ValueError as e:  # bad input found while building the run (queue larger than the data, ...)
+        print(f"fastmice: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

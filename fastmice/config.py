@@ -19,6 +19,9 @@ import yaml
 
 from fastmice.augment import AugmentConfig
 from fastmice.data.sources import DataSourceConfig
+from fastmice.models.mixem import MixEMWeights
+
+METHODS = ("mice", "moco", "mixem", "simclr")
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,9 @@ class ModelConfig:
     ema_momentum: float = 0.999     # teacher m
     queue_dtype: str = "float32"    # float32 | bfloat16 | float16
     single_pass: bool = False       # x_f and x_g through the student backbone in one batch (faster; changes BN)
+    prior: str = "gating"           # MiCE: gating (the paper) | uniform (ablation A3)
+    class_term: bool = True         # MiCE: mu in the expert logits (off: ablation A5)
+    hidden_dim: int = 512           # MIX'EM / SimCLR: hidden width of the projection MLPs
 
     def validate(self) -> None:
         from fastmice.models.resnet import ARCHS
@@ -62,21 +68,22 @@ class ModelConfig:
             raise ConfigError(f"model.stem must be 'cifar' or 'imagenet', got {self.stem!r}")
         if self.num_clusters < 1:
             raise ConfigError(f"model.num_clusters must be >= 1, got {self.num_clusters}")
-        if self.num_clusters > self.embed_dim + 1:
-            raise ConfigError(f"model.num_clusters={self.num_clusters} needs model.embed_dim >= K-1 "
-                              f"(the gating prototypes are K maximally separated unit vectors in R^D)")
         if self.embed_dim < 1 or self.width < 1 or self.queue_size < 1:
             raise ConfigError("model.embed_dim, model.width and model.queue_size must be positive")
         if self.tau <= 0 or self.kappa <= 0:
             raise ConfigError(f"model.tau and model.kappa must be > 0, got {self.tau}, {self.kappa}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"model.ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        if self.prior not in ("gating", "uniform"):
+            raise ConfigError(f"model.prior must be 'gating' or 'uniform', got {self.prior!r}")
         if self.queue_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.queue_dtype must be float32, bfloat16 or float16, got {self.queue_dtype!r}")
 
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"                # sgd (MiCE, MoCo) | adam (MIX'EM, SimCLR)
+    schedule: str = "step"           # step: x lr_gamma at lr_steps | cosine: to 0 over the epochs after warm-up
     batch_size: int = 256            # drop_last: every step sees a full batch
     epochs: int = 1000
     lr: float = 1.0
@@ -88,6 +95,10 @@ class OptimConfig:
     warmup_epochs: float = 0.0       # linear warm-up from 0 (the official code: 10 epochs)
 
     def validate(self) -> None:
+        if self.name not in ("sgd", "adam"):
+            raise ConfigError(f"optim.name must be 'sgd' or 'adam', got {self.name!r}")
+        if self.schedule not in ("step", "cosine"):
+            raise ConfigError(f"optim.schedule must be 'step' or 'cosine', got {self.schedule!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError(f"optim.batch_size and optim.epochs must be >= 1, got {self.batch_size}, {self.epochs}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
@@ -110,6 +121,7 @@ class TrainConfig:
     amp: str = "auto"                # auto (bf16 on CUDA, off on CPU) | bf16 | off
     channels_last: str = "auto"      # auto (on for CUDA) | on | off
     progress: bool = True
+    init_from: str | None = None     # start the backbone from another run's checkpoint (e.g. SimCLR -> MIX'EM)
 
     def validate(self) -> None:
         if self.amp not in ("auto", "bf16", "off"):
@@ -127,6 +139,9 @@ class EvalConfig:
     at_end: bool = True              # evaluate after training
     batch_size: int = 512
     kmeans_niter: int = 50
+    kmeans_restarts: int = 5         # random-init k-means readouts keep the best of this many runs
+    linear_probe: bool = False       # logistic regression on frozen features (labels needed)
+    probe_every: int = 0             # also probe every N epochs during training (0: only at evaluation)
     pixel_baseline: bool = True      # also report k-means on raw pixels (a sanity baseline)
 
 
@@ -137,13 +152,16 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)   # MoCo v1
     model: ModelConfig = field(default_factory=ModelConfig)
+    mixem: MixEMWeights = field(default_factory=MixEMWeights)   # MIX'EM's extra loss weights
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
-        if self.method != "mice":
-            raise ConfigError(f"method={self.method!r}: available methods are ['mice']")
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r}: available methods are {list(METHODS)}")
+        if self.mixem.confidence_kind not in ("entropy", "max"):
+            raise ConfigError(f"mixem.confidence_kind must be 'entropy' or 'max', got {self.mixem.confidence_kind!r}")
         for section in (self.data, self.augment, self.model, self.optim, self.train):
             try:
                 section.validate()
@@ -151,7 +169,11 @@ class Config:
                 raise
             except ValueError as e:   # section validators from other modules raise plain ValueError
                 raise ConfigError(str(e)) from e
-        if self.optim.batch_size > self.model.queue_size:
+        m = self.model
+        if self.method == "mice" and m.num_clusters > m.embed_dim + 1:
+            raise ConfigError(f"model.num_clusters={m.num_clusters} needs model.embed_dim >= K-1 "
+                              f"(the gating prototypes are K maximally separated unit vectors in R^D)")
+        if self.method in ("mice", "moco") and self.optim.batch_size > self.model.queue_size:
             raise ConfigError(f"optim.batch_size={self.optim.batch_size} exceeds model.queue_size="
                               f"{self.model.queue_size}: a batch must fit in the queue")
         return self
@@ -201,6 +223,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -15,18 +15,16 @@ import numpy as np
 import torch
 
 from fastmice.augment import normalize_batch
-from fastmice.checkpoint import load_checkpoint
-from fastmice.config import Config, config_from_dict
+from fastmice.config import Config
 from fastmice.data.sources import ImageDataset, load_dataset
 from fastmice.kmeans import kmeans_raw_pixels, spherical_kmeans
 from fastmice.metrics import cluster_metrics, cluster_sizes, confusion_matrix
-from fastmice.models.mice import MiCE
 
 READOUTS = ("posterior", "gating", "kmeans")
 
 
 @torch.no_grad()
-def infer_dataset(model: MiCE, images: torch.Tensor, cfg: Config, device: torch.device,
+def infer_dataset(model: torch.nn.Module, images: torch.Tensor, cfg: Config, device: torch.device,
                   crop_size: int, autocast=None, channels_last: bool = False,
                   progress: bool = False) -> dict[str, torch.Tensor]:
     """Run model.infer over uint8 images (N, 3, H, W) in batches; outputs stay on `device`."""
@@ -47,15 +45,46 @@ def infer_dataset(model: MiCE, images: torch.Tensor, cfg: Config, device: torch.
     return {k: torch.cat(v) for k, v in outs.items()}
 
 
+def _kmeans(x: torch.Tensor, k: int, cfg: Config, **kw) -> np.ndarray:
+    labels, _ = spherical_kmeans(x, k, niter=cfg.eval.kmeans_niter, seed=cfg.train.seed, **kw)
+    return np.asarray(labels)
+
+
 def predictions(out: dict[str, torch.Tensor], k: int, cfg: Config) -> dict[str, np.ndarray]:
-    g = out["g"]
-    km_labels, _ = spherical_kmeans(g, k, niter=cfg.eval.kmeans_niter, seed=cfg.train.seed)
-    return {"posterior": out["posterior"].argmax(1).cpu().numpy(),
-            "gating": out["gating"].argmax(1).cpu().numpy(),
-            "kmeans": np.asarray(km_labels)}
+    """Each method's readouts, the primary one first (it fills `cluster` in assignments.csv).
+
+    MiCE: argmax posterior, argmax gating, spherical k-means on the gating embeddings. MIX'EM: k-means on the
+    normalised representation initialised from the mixture components (the mean of the samples whose argmax
+    pi is k), argmax pi, and randomly initialised k-means with restarts. MoCo / SimCLR: spherical k-means.
+    """
+    emb = out["embedding"]
+    if cfg.method == "mice":
+        return {"posterior": out["posterior"].argmax(1).cpu().numpy(),
+                "gating": out["gating"].argmax(1).cpu().numpy(),
+                "kmeans": _kmeans(emb, k, cfg)}
+    if cfg.method == "mixem":
+        pi_labels = out["probs"].argmax(1)
+        onehot = torch.nn.functional.one_hot(pi_labels, k).to(emb.dtype)               # (N, K)
+        centres = onehot.t() @ emb                                                      # (K, D) sums
+        empty = onehot.sum(0) == 0
+        if bool(empty.any()):  # an unused component: start that centre from a random sample instead
+            g = torch.Generator().manual_seed(cfg.train.seed)
+            pick = torch.randint(0, emb.shape[0], (int(empty.sum()),), generator=g).to(emb.device)
+            centres[empty] = emb[pick]
+        return {"kmeans_mixture_init": _kmeans(emb, k, cfg, init_centroids=centres),
+                "mixture": pi_labels.cpu().numpy(),
+                "kmeans": _kmeans(emb, k, cfg, nredo=cfg.eval.kmeans_restarts)}
+    return {"kmeans": _kmeans(emb, k, cfg, nredo=cfg.eval.kmeans_restarts)}
 
 
-def evaluate_model(model: MiCE, dataset: ImageDataset, cfg: Config, device: torch.device, run_dir: Path,
+def confidences(out: dict[str, torch.Tensor]) -> np.ndarray:
+    """Max cluster probability where the method has one; else 1 (k-means assignments are hard)."""
+    if "probs" in out and out["probs"].shape[1] > 1:
+        return out["probs"].max(1).values.cpu().numpy()
+    return np.ones(out["embedding"].shape[0], dtype=np.float32)
+
+
+def evaluate_model(model: torch.nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device, run_dir: Path,
                    crop_size: int, autocast=None, channels_last: bool = False) -> dict[str, Any]:
     """Evaluate, write eval.json, assignments.csv and the PNGs into run_dir; return the results."""
     from fastmice.plots import plot_cluster_sizes, plot_confusion
@@ -64,14 +93,18 @@ def evaluate_model(model: MiCE, dataset: ImageDataset, cfg: Config, device: torc
     out = infer_dataset(model, dataset.images, cfg, device, crop_size, autocast, channels_last,
                         progress=cfg.train.progress)
     preds = predictions(out, k, cfg)
-    confidence = out["posterior"].max(1).values.cpu().numpy()
-    result: dict[str, Any] = {"num_images": len(dataset), "num_clusters": k, "readouts": {}}
+    primary = next(iter(preds))
+    confidence = confidences(out)
+    result: dict[str, Any] = {"method": cfg.method, "num_images": len(dataset), "num_clusters": k,
+                              "primary": primary, "readouts": {}}
     for name, pred in preds.items():
         entry: dict[str, Any] = {"cluster_sizes": cluster_sizes(pred, k).tolist()}
         if dataset.labels is not None:
             entry.update({m: float(v) for m, v in cluster_metrics(dataset.labels.numpy(), pred).items()})
         result["readouts"][name] = entry
-    result["posterior_confidence"] = {"mean": float(confidence.mean()), "median": float(np.median(confidence))}
+    result["confidence"] = {"mean": float(confidence.mean()), "median": float(np.median(confidence))}
+    if dataset.labels is not None and cfg.eval.linear_probe:
+        result["linear_probe"] = linear_probe(out["features"], dataset.labels, seed=cfg.train.seed)
     if dataset.labels is not None and cfg.eval.pixel_baseline:
         base = kmeans_raw_pixels(dataset.images, dataset.num_classes or k, seed=cfg.train.seed)
         result["pixel_kmeans"] = {m: float(v) for m, v in cluster_metrics(dataset.labels.numpy(), base).items()}
@@ -79,63 +112,64 @@ def evaluate_model(model: MiCE, dataset: ImageDataset, cfg: Config, device: torc
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     _write_assignments(run_dir / "assignments.csv", dataset, preds, confidence)
-    plot_cluster_sizes(np.asarray(result["readouts"]["posterior"]["cluster_sizes"]),
-                       run_dir / "cluster_sizes.png", title=f"{cfg.name}: cluster sizes (argmax posterior)")
+    plot_cluster_sizes(np.asarray(result["readouts"][primary]["cluster_sizes"]),
+                       run_dir / "cluster_sizes.png", title=f"{cfg.name}: cluster sizes ({primary})")
     if dataset.labels is not None:
-        conf = confusion_matrix(dataset.labels.numpy(), preds["posterior"], num_clusters=k)
+        conf = confusion_matrix(dataset.labels.numpy(), preds[primary], num_clusters=k)
         plot_confusion(conf, run_dir / "confusion.png", class_names=dataset.class_names,
-                       title=f"{cfg.name}: classes x clusters (argmax posterior)")
+                       title=f"{cfg.name}: classes x clusters ({primary})")
     return result
 
 
 def _write_assignments(path: Path, dataset: ImageDataset, preds: dict[str, np.ndarray],
                        confidence: np.ndarray) -> None:
+    names = list(preds)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["index", "path", "label", "cluster", "confidence", "cluster_gating", "cluster_kmeans"])
+        w.writerow(["index", "path", "label", "cluster", "confidence"] + [f"cluster_{n}" for n in names[1:]])
         labels = dataset.labels.numpy() if dataset.labels is not None else None
         for i in range(len(dataset)):
             w.writerow([i, dataset.paths[i] if dataset.paths else "", "" if labels is None else int(labels[i]),
-                        int(preds["posterior"][i]), f"{confidence[i]:.4f}", int(preds["gating"][i]),
-                        int(preds["kmeans"][i])])
+                        int(preds[names[0]][i]), f"{confidence[i]:.4f}"] + [int(preds[n][i]) for n in names[1:]])
+
+
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, seed: int = 0, train_frac: float = 0.8) -> dict:
+    """Top-1 accuracy of a logistic regression on frozen, L2-normalised features (seeded 80/20 split)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = torch.nn.functional.normalize(features.float(), dim=1).cpu().numpy()
+    y = labels.cpu().numpy()
+    perm = np.random.default_rng(seed).permutation(len(y))
+    cut = int(train_frac * len(y))
+    clf = LogisticRegression(max_iter=1000, C=10.0)
+    clf.fit(x[perm[:cut]], y[perm[:cut]])
+    return {"accuracy": float(clf.score(x[perm[cut:]], y[perm[cut:]])), "train": cut, "test": len(y) - cut}
 
 
 def format_results(result: dict[str, Any]) -> str:
     """A small table: one row per readout (and the pixel baseline), ACC/NMI/ARI in percent."""
     rows = []
-    has_labels = "acc" in next(iter(result["readouts"].values()))
-    if has_labels:
-        rows.append(f"{'readout':<22}{'ACC':>8}{'NMI':>8}{'ARI':>8}")
-        for name, e in result["readouts"].items():
-            rows.append(f"{name:<22}{100 * e['acc']:8.2f}{100 * e['nmi']:8.2f}{100 * e['ari']:8.2f}")
-        if "pixel_kmeans" in result:
-            e = result["pixel_kmeans"]
-            rows.append(f"{'k-means on raw pixels':<22}{100 * e['acc']:8.2f}{100 * e['nmi']:8.2f}{100 * e['ari']:8.2f}")
+    readouts = result["readouts"]
+    primary = result.get("primary", next(iter(readouts)))
+    if "acc" in readouts[primary]:
+        rows.append(f"{'readout':<24}{'ACC':>8}{'NMI':>8}{'ARI':>8}")
+        named = list(readouts.items()) + ([("k-means on raw pixels", result["pixel_kmeans"])]
+                                          if "pixel_kmeans" in result else [])
+        for name, e in named:
+            rows.append(f"{name:<24}{100 * e['acc']:8.2f}{100 * e['nmi']:8.2f}{100 * e['ari']:8.2f}")
     else:
-        rows.append("no labels: cluster sizes (argmax posterior) "
-                    + str(result["readouts"]["posterior"]["cluster_sizes"]))
-    rows.append(f"mean posterior confidence {result['posterior_confidence']['mean']:.3f}")
+        rows.append(f"no labels: cluster sizes ({primary}) {readouts[primary]['cluster_sizes']}")
+    if "linear_probe" in result:
+        rows.append(f"linear probe accuracy {100 * result['linear_probe']['accuracy']:.2f}")
+    rows.append(f"mean confidence {result['confidence']['mean']:.3f}")
     return "\n".join(rows)
 
 
 def evaluate_run(run_dir: str | Path, device: str = "auto", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """`fastmice eval RUN`: rebuild the model from the run's checkpoint and evaluate it on its dataset."""
-    from fastmice.train import build_model, precision_for, resolve_device
+    from fastmice.run import load_run
 
-    run_dir = Path(run_dir)
-    state = load_checkpoint(run_dir)
-    values = state["config"]
-    for section, keys in (overrides or {}).items():
-        values[section].update(keys)
-    cfg = config_from_dict(values)
-    dev = resolve_device(device)
-    dataset = load_dataset(cfg.data)
-    model = build_model(cfg, state["image_size"])
-    model.load_state_dict(state["model"])
-    model.to(dev)
-    prec = precision_for(cfg, dev)
-    if prec.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    crop = cfg.data.crop_size or state["image_size"]
-    autocast = prec.autocast if prec.view_dtype == torch.bfloat16 else None
-    return evaluate_model(model, dataset, cfg, dev, run_dir, crop, autocast, prec.channels_last)
+    run = load_run(run_dir, device, overrides)
+    dataset = load_dataset(run.cfg.data)
+    return evaluate_model(run.model, dataset, run.cfg, run.device, run.run_dir, run.crop_size, run.autocast,
+                          run.channels_last)

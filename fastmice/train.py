@@ -1,4 +1,5 @@
-"""The training loop: data on the device, three augmented views, the MiCE step, EMA, queue, mu, checkpoints.
+"""The one training loop for every method: data on the device, augmented views, the step, the method's
+bookkeeping (MiCE: EMA, queue, mu), checkpoints.
 
 The hot path never waits on the host: the loss is summed on the device and read only every
 `train.log_every` steps (one sync), where the NaN/inf check also happens.
@@ -23,8 +24,25 @@ from fastmice.checkpoint import CHECKPOINT_NAME, atomic_save, host_rng_state, lo
 from fastmice.config import Config, config_from_dict
 from fastmice.data.sources import ImageDataset, load_dataset
 from fastmice.loader import DeviceBatches
-from fastmice.models.mice import MiCE
-from fastmice.models.resnet import ResNet
+from fastmice.models import build_model
+
+
+def load_backbone(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy the backbone weights of another run's checkpoint (MiCE: into student and teacher)."""
+    state = load_checkpoint(path)["model"]
+    prefixes = ("backbone.", "student.backbone.")
+    weights = {}
+    for key, value in state.items():
+        for p in prefixes:
+            if key.startswith(p):
+                weights[key[len(p):]] = value
+                break
+    if not weights:
+        raise ValueError(f"init_from: no backbone weights in {path}")
+    targets = [m.backbone for m in (model, getattr(model, "student", None), getattr(model, "teacher", None))
+               if m is not None and hasattr(m, "backbone")]
+    for backbone in targets:
+        backbone.load_state_dict(weights)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,28 +73,28 @@ def precision_for(cfg: Config, device: torch.device) -> Precision:
     return Precision(nullcontext, torch.float32, cl)
 
 
-def build_model(cfg: Config, image_size: int) -> MiCE:
-    m = cfg.model
-    backbone = ResNet(m.arch, m.stem, m.width)
-    return MiCE(backbone, m.num_clusters, m.embed_dim, m.queue_size, m.tau, m.kappa, m.ema_momentum,
-                queue_dtype=getattr(torch, m.queue_dtype), single_pass=m.single_pass)
-
-
-def build_optimizer(cfg: Config, model: MiCE) -> torch.optim.SGD:
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     net = [p for n, p in model.named_parameters() if p.requires_grad and n != "mu"]
-    groups = [{"params": net, "weight_decay": o.weight_decay},
-              {"params": [model.mu], "weight_decay": o.weight_decay if o.mu_weight_decay else 0.0}]
+    groups = [{"params": net, "weight_decay": o.weight_decay}]
+    if isinstance(getattr(model, "mu", None), torch.nn.Parameter):
+        groups.append({"params": [model.mu], "weight_decay": o.weight_decay if o.mu_weight_decay else 0.0})
+    if o.name == "adam":
+        return torch.optim.Adam(groups, lr=o.lr)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
 
 
 def learning_rate(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Step decay at optim.lr_steps (Appendix D) after an optional linear warm-up."""
+    """Step decay at optim.lr_steps (Appendix D) or cosine decay, after an optional linear warm-up."""
     o = cfg.optim
-    lr = o.lr * o.lr_gamma ** sum(epoch >= s for s in o.lr_steps)
     progress = epoch + step / steps_per_epoch
+    if o.schedule == "cosine":
+        span = max(o.epochs - o.warmup_epochs, 1e-9)
+        lr = o.lr * 0.5 * (1 + math.cos(math.pi * min(max(progress - o.warmup_epochs, 0.0) / span, 1.0)))
+    else:
+        lr = o.lr * o.lr_gamma ** sum(epoch >= s for s in o.lr_steps)
     if progress < o.warmup_epochs:
-        lr *= (progress + 1.0 / steps_per_epoch) / o.warmup_epochs
+        lr = o.lr * (progress + 1.0 / steps_per_epoch) / o.warmup_epochs
     return lr
 
 
@@ -94,14 +112,16 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
         n = len(self.dataset)
-        if cfg.model.queue_size > n:
+        if cfg.method in ("mice", "moco") and cfg.model.queue_size > n:
             raise ValueError(f"model.queue_size={cfg.model.queue_size} exceeds the dataset size ({n} images): "
                              f"positives would come back as negatives; use a queue of at most {n}")
         if cfg.model.num_clusters > n:
             raise ValueError(f"model.num_clusters={cfg.model.num_clusters} exceeds the dataset size ({n})")
         self.image_size = self.dataset.images.shape[-1]
         self.crop_size = cfg.data.crop_size or self.image_size
-        self.model = build_model(cfg, self.image_size).to(self.device)
+        self.model = build_model(cfg).to(self.device)
+        if cfg.train.init_from:
+            load_backbone(self.model, cfg.train.init_from)
         if self.precision.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -150,25 +170,23 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------------
     def views(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x_f, x_v, x_g: three independent augmentations of the same images."""
+        """The method's independent augmentations of the same images (MiCE: x_f, x_v, x_g)."""
         return [augment_batch(x, self.cfg.augment, self.crop_size, self.mean, self.std,
                               generator=self.batches.generator, out_dtype=self.precision.view_dtype,
-                              channels_last=self.precision.channels_last) for _ in range(3)]
+                              channels_last=self.precision.channels_last) for _ in range(self.model.num_views)]
 
-    def train_step(self, x: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MiCE step on uint8 images x; returns (loss, posterior) as device tensors."""
-        x_f, x_v, x_g = self.views(x)
+    def train_step(self, x: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step on uint8 images x; returns (loss, posterior or None) as device tensors."""
+        views = self.views(x)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         with self.precision.autocast():
-            out = self.model(x_f, x_v, x_g)
+            out = self.model(*views)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
-        self.model.ema_update()
-        self.model.enqueue(out.v)                      # after the loss, as MoCo and the paper do
-        self.model.accumulate_mu(out.v, out.posterior)
+        self.model.after_step(out)                     # MiCE/MoCo: EMA, enqueue, mu sums
         return out.loss.detach(), out.posterior
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -199,6 +217,7 @@ class Trainer:
                 loss_sum = torch.zeros((), device=self.device)
                 bad = torch.zeros((), dtype=torch.bool, device=self.device)
                 steps_here, t0 = 0, time.perf_counter()
+                logged_steps, logged_sum = 0, 0.0
                 bar = tqdm(total=spe, initial=self.batches.pos, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
                            disable=not cfg.train.progress, leave=False, dynamic_ncols=True)
                 while not self.batches.epoch_done:
@@ -218,6 +237,11 @@ class Trainer:
                                 f"or a longer optim.warmup_epochs.")
                         last_loss = float(loss_sum) / steps_here
                         rate = steps_here * cfg.optim.batch_size / (time.perf_counter() - t0)
+                        interval = steps_here - logged_steps
+                        self._write_metrics({"type": "step", "epoch": self.epoch + 1, "step": self.global_step,
+                                             "loss": (float(loss_sum) - logged_sum) / max(interval, 1),
+                                             "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
+                        logged_steps, logged_sum = steps_here, float(loss_sum)
                         bar.n = self.batches.pos
                         bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
                     if self._stop_requested or self._max_steps_reached():
@@ -244,14 +268,31 @@ class Trainer:
         return self.cfg.train.max_steps is not None and self.global_step >= self.cfg.train.max_steps
 
     def _end_epoch(self, loss: float, steps: int, seconds: float) -> None:
-        sizes = self.model.mu_count.tolist()   # argmax-posterior cluster sizes of this epoch
-        self.model.update_mu()                 # Eq. 13
+        extra = self.model.end_epoch()         # MiCE: cluster sizes of the epoch, then mu by Eq. 13
         self.epoch += 1
         self._write_metrics({
-            "epoch": self.epoch, "step": self.global_step, "loss": loss,
+            "type": "epoch", "epoch": self.epoch, "step": self.global_step, "loss": loss,
             "lr": learning_rate(self.cfg, self.epoch - 1, self.batches.steps_per_epoch - 1,
                                 self.batches.steps_per_epoch),
             "samples_per_s": steps * self.cfg.optim.batch_size / max(seconds, 1e-9),
-            "epoch_seconds": seconds, "cluster_sizes": [int(s) for s in sizes]})
+            "epoch_seconds": seconds, **extra})
+        every = self.cfg.eval.probe_every
+        if every and self.epoch % every == 0 and self.dataset.labels is not None:
+            self._write_metrics({"type": "eval", "epoch": self.epoch, "step": self.global_step,
+                                 **self.quick_eval()})
         if self.epoch % self.cfg.train.checkpoint_every == 0 or self.epoch == self.cfg.optim.epochs:
             self.save_checkpoint()
+
+    def quick_eval(self) -> dict[str, Any]:
+        """ACC/NMI/ARI of every readout and the linear probe, without writing files (eval.probe_every)."""
+        from fastmice.evaluate import infer_dataset, linear_probe, predictions
+        from fastmice.metrics import cluster_metrics
+
+        out = infer_dataset(self.model, self.dataset.images, self.cfg, self.device, self.crop_size,
+                            self.precision.autocast, self.precision.channels_last)
+        labels = self.dataset.labels.numpy()
+        result = {name: {m: float(v) for m, v in cluster_metrics(labels, pred).items()}
+                  for name, pred in predictions(out, self.cfg.model.num_clusters, self.cfg).items()}
+        if self.cfg.eval.linear_probe:
+            result["linear_probe"] = linear_probe(out["features"], self.dataset.labels, seed=self.cfg.train.seed)
+        return result

@@ -36,7 +36,8 @@ def test_train_then_eval_on_digits(tmp_path, capsys):
 
     # Resume a finished run for one more epoch.
     assert main(["train", "--resume", str(run), "--optim.epochs=3", "--eval.at_end=false"]) == 0
-    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in records if r["type"] == "epoch"]
     assert epochs == [1, 2, 3]
 
 

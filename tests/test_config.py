@@ -24,8 +24,9 @@ def test_bundled_configs_load_and_carry_the_papers_settings():
 
 def test_overrides_are_typed():
     cfg = load_config("cifar10", ["--model.num_clusters=20", "--optim.lr=0.5", "--optim.lr_steps=[10, 20]",
-                                  "--data.root=/x", "--train.max_steps=null", "--augment.crop_scale=[0.3, 1]"])
+                                  "--data.root=/x", "--train.max_steps=null", "--optim.weight_decay=1e-5", "--augment.crop_scale=[0.3, 1]"])
     assert cfg.model.num_clusters == 20 and cfg.optim.lr == 0.5 and cfg.optim.lr_steps == [10, 20]
+    assert cfg.optim.weight_decay == 1e-5
     assert cfg.data.root == "/x" and cfg.train.max_steps is None and cfg.augment.crop_scale == (0.3, 1.0)
     assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
 

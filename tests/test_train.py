@@ -38,7 +38,8 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, digits_small):
     resumed.fit()
     assert_same_state(full, resumed)
     lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [1, 2]
+    assert [r["epoch"] for r in lines if r["type"] == "epoch"] == [1, 2]
+    assert all(r["loss"] > 0 for r in lines if r["type"] == "step")
 
 
 def test_ctrl_c_writes_checkpoint(tmp_path, digits_small, monkeypatch):
@@ -98,3 +99,17 @@ def test_checkpoint_contents(tmp_path, digits_small):
     for buf in ("queue", "queue_ptr", "mu", "mu_sum", "omega", "teacher.backbone.stem.0.weight"):
         assert buf in state["model"]
     assert not list((tmp_path / "ck").glob("*.tmp"))             # atomic write left no temp file
+
+
+def test_init_from_copies_the_backbone(tmp_path, digits_small):
+    """MIX'EM started from a SimCLR run, as the MIX'EM README describes."""
+    simclr = make_trainer(tmp_path, digits_small, "simclr", **{"method": "simclr", "optim.epochs": 1,
+                                                               "optim.name": "adam", "optim.lr": 1e-3})
+    simclr.fit()
+    mixem = make_trainer(tmp_path, digits_small, "mixem", **{"method": "mixem", "train.init_from": tmp_path / "simclr"})
+    for (name, a), b in zip(simclr.model.backbone.state_dict().items(), mixem.model.backbone.state_dict().values()):
+        assert torch.equal(a, b), name
+    mice = make_trainer(tmp_path, digits_small, "mice", **{"train.init_from": tmp_path / "simclr"})
+    for a, b, c in zip(simclr.model.backbone.state_dict().values(), mice.model.student.backbone.state_dict().values(),
+                       mice.model.teacher.backbone.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)

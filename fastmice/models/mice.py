@@ -44,7 +44,8 @@ class ExpertEmbedder(nn.Module):
 class MiCE(nn.Module):
     def __init__(self, backbone: ResNet, k: int, dim: int = 128, queue_size: int = 16384,
                  tau: float = 1.0, kappa: float = 1.0, ema_momentum: float = 0.999,
-                 queue_dtype: torch.dtype = torch.float32, single_pass: bool = False):
+                 queue_dtype: torch.dtype = torch.float32, single_pass: bool = False,
+                 prior: str = "gating", class_term: bool = True):
         super().__init__()
         if k < 1:
             raise ValueError(f"number of clusters K must be >= 1, got {k}")
@@ -53,6 +54,13 @@ class MiCE(nn.Module):
         self.k, self.dim, self.queue_size = k, dim, queue_size
         self.tau, self.kappa, self.ema_momentum = tau, kappa, ema_momentum
         self.single_pass = single_pass
+        if prior not in ("gating", "uniform"):
+            raise ValueError(f"prior must be 'gating' or 'uniform', got {prior!r}")
+        # Ablations of the paper (Sec. 5.3, App. C): a uniform prior is assumption A3 (kappa -> inf) and drops
+        # the gating view; no class-level term is A5 (mu left out of the expert logits). With one expert and
+        # both, MiCE is MoCo: the loss is InfoNCE over the queue (Theorem 3).
+        self.prior, self.class_term = prior, class_term
+        self.num_views = 3 if prior == "gating" else 2
         self.student = ExpertEmbedder(backbone, k, dim)
         self.gate = nn.Linear(backbone.out_dim, dim)  # gating head on the shared student backbone
         self.teacher = copy.deepcopy(self.student)     # teacher.params = student.params at start
@@ -77,12 +85,35 @@ class MiCE(nn.Module):
             h_f, h_g = self.student.backbone(x_f), self.student.backbone(x_g)
         return self.student.heads(h_f), F.normalize(self.gate(h_g).float(), dim=-1)
 
-    def forward(self, x_f: Tensor, x_v: Tensor, x_g: Tensor) -> MiCEOutput:
+    def _mu_used(self) -> Tensor:
+        return self.mu if self.class_term else torch.zeros_like(self.mu)  # normalize(0) = 0: s = f
+
+    def forward(self, x_f: Tensor, x_v: Tensor, x_g: Tensor | None = None) -> MiCEOutput:
+        """Views x_f (student experts), x_v (teacher), x_g (gating; unused under a uniform prior)."""
         with torch.no_grad():
             v = self.teacher(x_v)                                                  # (B, K, D)
-        f, g = self.student_embed(x_f, x_g)
-        loss, posterior = mice_elbo(f, v, g, self.mu, self.omega, self.queue, self.tau, self.kappa)
+        if self.prior == "gating":
+            f, g = self.student_embed(x_f, x_g)
+        else:  # A3: a zero gating embedding gives log pi = -log K for every sample
+            f = self.student(x_f)
+            g = torch.zeros(f.shape[0], self.dim, device=f.device)
+        loss, posterior = mice_elbo(f, v, g, self._mu_used(), self.omega, self.queue, self.tau, self.kappa)
         return MiCEOutput(loss, posterior, v)
+
+    @torch.no_grad()
+    def after_step(self, out: MiCEOutput) -> None:
+        """EMA teacher, enqueue (after the loss, as MoCo and the paper do), and the mu sums of Eq. 13."""
+        self.ema_update()
+        self.enqueue(out.v)
+        if self.class_term:
+            self.accumulate_mu(out.v, out.posterior)
+
+    @torch.no_grad()
+    def end_epoch(self) -> dict:
+        sizes = [int(c) for c in self.mu_count.tolist()]   # argmax-posterior cluster sizes of this epoch
+        if self.class_term:
+            self.update_mu()
+        return {"cluster_sizes": sizes} if self.class_term else {}
 
     @torch.no_grad()
     def ema_update(self) -> None:
@@ -122,8 +153,15 @@ class MiCE(nn.Module):
         """Deterministic readouts of un-augmented images; the queue is read, never written."""
         h = self.student.backbone(x)
         f = self.student.heads(h)
-        g = F.normalize(self.gate(h).float(), dim=-1)
+        if self.prior == "gating":
+            g = F.normalize(self.gate(h).float(), dim=-1)
+        else:
+            g = torch.zeros(f.shape[0], self.dim, device=f.device)
         v = self.teacher(x)
-        _, posterior = mice_elbo(f, v, g, self.mu, self.omega, self.queue, self.tau, self.kappa)
-        gating = torch.softmax(g @ self.omega.t() / self.kappa, dim=-1)
-        return {"posterior": posterior, "gating": gating, "g": g, "features": h.float()}
+        _, posterior = mice_elbo(f, v, g, self._mu_used(), self.omega, self.queue, self.tau, self.kappa)
+        out = {"posterior": posterior, "probs": posterior, "features": h.float()}
+        if self.prior == "gating":
+            out.update(gating=torch.softmax(g @ self.omega.t() / self.kappa, dim=-1), g=g, embedding=g)
+        else:  # MoCo: the (single) expert embedding is the representation to cluster
+            out["embedding"] = F.normalize(f.mean(1), dim=-1)
+        return out
