@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     from fastmice.data.prepare import add_data_arguments
+    from fastmice.predict import add_predict_arguments
+    from fastmice.report import add_report_arguments
+    add_predict_arguments(sub)
+    add_report_arguments(sub)
     add_data_arguments(sub)
     return parser
 
