@@ -56,8 +56,14 @@ class ModelConfig:
     ema_momentum: float = 0.999     # teacher m
     queue_dtype: str = "float32"    # float32 | bfloat16 | float16
     single_pass: bool = False       # x_f and x_g through the student backbone in one batch (faster; changes BN)
-    prior: str = "gating"           # MiCE: gating (the paper) | uniform (ablation A3)
-    class_term: bool = True         # MiCE: mu in the expert logits (off: ablation A5)
+    # MiCE ablations (Table 3 of the paper); the defaults are the full model.
+    prior: str = "gating"           # gating (the paper) | uniform: kappa -> inf, pi_k = 1/K (assumption A3)
+    shared_head: bool = False       # one output layer shared by the K experts (assumption A4)
+    class_term: bool = True         # mu in the expert logits; off: instance-level term only (assumption A5)
+    mu_analytical: bool = True      # the end-of-epoch update of mu (Eq. 13); off: SGD only
+    mu_grad: bool = True            # mu trained by SGD; off: the analytical update only
+    omega_init: str = "mmd"         # mmd: Max-Mahalanobis centres (Algorithm 2) | uniform: random unit vectors
+    omega_learned: bool = False     # train omega by gradient instead of keeping it fixed
     hidden_dim: int = 512           # MIX'EM / SimCLR: hidden width of the projection MLPs
 
     def validate(self) -> None:
@@ -74,6 +80,8 @@ class ModelConfig:
             raise ConfigError(f"model.tau and model.kappa must be > 0, got {self.tau}, {self.kappa}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"model.ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        if self.omega_init not in ("mmd", "uniform"):
+            raise ConfigError(f"model.omega_init must be 'mmd' or 'uniform', got {self.omega_init!r}")
         if self.prior not in ("gating", "uniform"):
             raise ConfigError(f"model.prior must be 'gating' or 'uniform', got {self.prior!r}")
         if self.queue_dtype not in ("float32", "bfloat16", "float16"):
@@ -122,6 +130,11 @@ class TrainConfig:
     channels_last: str = "auto"      # auto (on for CUDA) | on | off
     progress: bool = True
     init_from: str | None = None     # start the backbone from another run's checkpoint (e.g. SimCLR -> MIX'EM)
+    # Several processes (torchrun) only; no effect in one process. BatchNorm then sees each rank's share of the batch.
+    sync_bn: bool = False            # SyncBatchNorm: statistics over the global batch (CUDA only; one all-reduce
+                                     # per BN layer per pass, hence off by default, as in MoCo's multi-GPU code)
+    shuffle_bn: bool = True          # MiCE/MoCo: MoCo's shuffle-BN for the teacher, so a key never shares BN
+                                     # statistics with its query (costs two small all_gathers); unused with sync_bn
 
     def validate(self) -> None:
         if self.amp not in ("auto", "bf16", "off"):
@@ -170,7 +183,7 @@ class Config:
             except ValueError as e:   # section validators from other modules raise plain ValueError
                 raise ConfigError(str(e)) from e
         m = self.model
-        if self.method == "mice" and m.num_clusters > m.embed_dim + 1:
+        if self.method == "mice" and m.omega_init == "mmd" and m.num_clusters > m.embed_dim + 1:
             raise ConfigError(f"model.num_clusters={m.num_clusters} needs model.embed_dim >= K-1 "
                               f"(the gating prototypes are K maximally separated unit vectors in R^D)")
         if self.method in ("mice", "moco") and self.optim.batch_size > self.model.queue_size:

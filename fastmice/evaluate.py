@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastmice import distributed
 from fastmice.augment import normalize_batch
 from fastmice.config import Config
 from fastmice.data.sources import ImageDataset, load_dataset
@@ -89,6 +90,8 @@ def evaluate_model(model: torch.nn.Module, dataset: ImageDataset, cfg: Config, d
     """Evaluate, write eval.json, assignments.csv and the PNGs into run_dir; return the results."""
     from fastmice.plots import plot_cluster_sizes, plot_confusion
 
+    if not distributed.is_main():  # several processes (torchrun): rank 0 alone evaluates and writes
+        return {"method": cfg.method, "readouts": {}, "skipped": "evaluated on rank 0"}
     k = cfg.model.num_clusters
     out = infer_dataset(model, dataset.images, cfg, device, crop_size, autocast, channels_last,
                         progress=cfg.train.progress)
@@ -150,6 +153,8 @@ def format_results(result: dict[str, Any]) -> str:
     """A small table: one row per readout (and the pixel baseline), ACC/NMI/ARI in percent."""
     rows = []
     readouts = result["readouts"]
+    if not readouts:
+        return result.get("skipped", "no readouts")
     primary = result.get("primary", next(iter(readouts)))
     if "acc" in readouts[primary]:
         rows.append(f"{'readout':<24}{'ACC':>8}{'NMI':>8}{'ARI':>8}")

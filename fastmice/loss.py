@@ -26,11 +26,12 @@ def _check_shapes(f: Tensor, v: Tensor, g: Tensor, mu: Tensor, omega: Tensor, qu
 
 def mice_elbo_reference(
     f: Tensor, v: Tensor, g: Tensor, mu: Tensor, omega: Tensor, queue: Tensor,
-    tau: float = 1.0, kappa: float = 1.0,
+    tau: float = 1.0, kappa: float = 1.0, *, learn_omega: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Plain-torch MiCE loss, computed in fp32 log space. Materialises the (B, K, V) logits."""
     f, g, mu = f.float(), g.float(), mu.float()
-    v, omega, queue = v.detach().float(), omega.detach().float(), queue.detach().float()
+    v, queue = v.detach().float(), queue.detach().float()
+    omega = omega.float() if learn_omega else omega.detach().float()
     s = f + F.normalize(mu, dim=1)                                 # (B, K, D) student + class-level term
     l_pos = (v * s).sum(-1) / tau                                  # (B, K)
     l_neg = torch.einsum("kvd,bkd->bkv", queue, s) / tau           # (B, K, V)
@@ -60,13 +61,14 @@ def _triton_interpret() -> bool:
 
 def mice_elbo(
     f: Tensor, v: Tensor, g: Tensor, mu: Tensor, omega: Tensor, queue: Tensor,
-    tau: float = 1.0, kappa: float = 1.0,
+    tau: float = 1.0, kappa: float = 1.0, *, learn_omega: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """MiCE negative ELBO and posterior.
 
     f (B,K,D) student expert embeddings, v (B,K,D) teacher embeddings, g (B,D) gating embeddings (all
     L2-normalised); mu (K,D) expert prototypes (normalised inside); omega (K,D) gating prototypes;
     queue (K,V,D) negatives. Returns (loss: 0-dim, differentiable in f, g, mu; posterior: (B,K) detached).
+    learn_omega=True also lets the gradient reach omega (the ablation "omega learned by gradient").
     """
     _check_shapes(f, v, g, mu, omega, queue)
     if _backend(f.device) == "triton":
@@ -86,5 +88,5 @@ def mice_elbo(
                 ) from exc
             mice_elbo_triton = None  # kernels not available for this install: the reference is always correct
         if mice_elbo_triton is not None:
-            return mice_elbo_triton(f, v, g, mu, omega, queue, tau, kappa)
-    return mice_elbo_reference(f, v, g, mu, omega, queue, tau, kappa)
+            return mice_elbo_triton(f, v, g, mu, omega, queue, tau, kappa, learn_omega=learn_omega)
+    return mice_elbo_reference(f, v, g, mu, omega, queue, tau, kappa, learn_omega=learn_omega)

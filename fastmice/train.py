@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 
+from fastmice import distributed
 from fastmice.augment import augment_batch
 from fastmice.checkpoint import CHECKPOINT_NAME, atomic_save, host_rng_state, load_checkpoint, restore_host_rng_state
 from fastmice.config import Config, config_from_dict
@@ -107,7 +108,11 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, dataset: ImageDataset | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-        self.device = resolve_device(cfg.train.device)
+        dev = distributed.init(cfg.train.device)   # torchrun, several processes: cuda:LOCAL_RANK, or cpu with gloo
+        self.device = dev if dev is not None else resolve_device(cfg.train.device)
+        if cfg.optim.batch_size % distributed.world():
+            raise ValueError(f"optim.batch_size={cfg.optim.batch_size} is the global batch and must split evenly over "
+                             f"the {distributed.world()} processes; use a multiple of {distributed.world()}")
         self.precision = precision_for(cfg, self.device)
         torch.manual_seed(cfg.train.seed)
         self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
@@ -125,6 +130,7 @@ class Trainer:
         if self.precision.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model)
+        self.net = self._parallel(self.model)   # runs the training forward: DDP over several processes
         gen = torch.Generator(device=self.device)
         gen.manual_seed(cfg.train.seed + 1)
         self.batches = DeviceBatches(self.dataset.images.to(self.device), cfg.optim.batch_size, gen)
@@ -143,15 +149,25 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if not distributed.is_main():   # the checkpoint holds the totals: rank 0 keeps them, the others restart at 0
+            for t in self._rank_local_sums():
+                t.zero_()
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.batches.load_state_dict(state["batches"])
         restore_host_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
+        """Several processes: every rank calls this (the per-rank sums are totalled on rank 0, whose state is
+        the global one) and rank 0 writes."""
+        distributed.consolidate_sums_(self._rank_local_sums())
         path = self.run_dir / CHECKPOINT_NAME
-        atomic_save(self.state_dict(), path)
+        if distributed.is_main():
+            atomic_save(self.state_dict(), path)
         return path
+
+    def _rank_local_sums(self) -> list[torch.Tensor]:
+        return [getattr(self.model, name) for name in getattr(self.model, "rank_local_sums", ())]
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None,
@@ -168,6 +184,24 @@ class Trainer:
         trainer.load_state_dict(state)
         return trainer
 
+    def _parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model itself in one process; under torchrun, the model in DistributedDataParallel, which averages
+        the gradients over the ranks. Buffers are not broadcast: the queue is the same everywhere by construction
+        (gathered keys) and the mu sums are per rank until the end of the epoch."""
+        if not distributed.active():
+            return model
+        train = self.cfg.train
+        if hasattr(model, "shuffle_bn"):
+            model.shuffle_bn = train.shuffle_bn and not train.sync_bn
+        if train.sync_bn:
+            if self.device.type != "cuda":
+                raise ValueError("train.sync_bn=true needs CUDA (SyncBatchNorm has no CPU implementation); "
+                                 "use train.sync_bn=false on CPU")
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # in place: same parameters, same state keys
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=getattr(model, "has_unused_parameters", False))
+
     # ---- one step -----------------------------------------------------------------------------------
     def views(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The method's independent augmentations of the same images (MiCE: x_f, x_v, x_g)."""
@@ -176,13 +210,16 @@ class Trainer:
                               channels_last=self.precision.channels_last) for _ in range(self.model.num_views)]
 
     def train_step(self, x: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One step on uint8 images x; returns (loss, posterior or None) as device tensors."""
-        views = self.views(x)
+        """One step on uint8 images x; returns (loss, posterior or None) as device tensors.
+
+        Several processes: x is the global batch, augmented alike on every rank (one random stream, as in one
+        process); each rank trains on its share of the views and the loss returned is this rank's."""
+        views = [distributed.shard(v) for v in self.views(x)]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         with self.precision.autocast():
-            out = self.model(*views)
+            out = self.net(*views)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
@@ -195,6 +232,8 @@ class Trainer:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one interrupts at once
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
+        if not distributed.is_main():
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -203,8 +242,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         spe = self.batches.steps_per_epoch
         in_main_thread = signal.getsignal(signal.SIGINT) is signal.default_int_handler
         if in_main_thread:
@@ -216,10 +256,10 @@ class Trainer:
                     self.batches.start_epoch()
                 loss_sum = torch.zeros((), device=self.device)
                 bad = torch.zeros((), dtype=torch.bool, device=self.device)
-                steps_here, t0 = 0, time.perf_counter()
+                steps_here, t0, stop = 0, time.perf_counter(), False
                 logged_steps, logged_sum = 0, 0.0
                 bar = tqdm(total=spe, initial=self.batches.pos, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
-                           disable=not cfg.train.progress, leave=False, dynamic_ncols=True)
+                           disable=not (cfg.train.progress and distributed.is_main()), leave=False, dynamic_ncols=True)
                 while not self.batches.epoch_done:
                     _, x = self.batches.next_batch()
                     loss, _ = self.train_step(x, learning_rate(cfg, self.epoch, self.batches.pos, spe))
@@ -228,27 +268,29 @@ class Trainer:
                     steps_here += 1
                     loss_sum += loss
                     bad |= ~torch.isfinite(loss)
-                    last = self.batches.epoch_done or self._stop_requested or self._max_steps_reached()
+                    stop = self._stop_requested and not distributed.active()  # several: together, at a log step
+                    last = self.batches.epoch_done or stop or self._max_steps_reached()
                     if steps_here % cfg.train.log_every == 0 or last:
-                        if bool(bad):  # the only host sync: once per log interval
+                        total, bad_any, stop = self._synced(loss_sum, bad)  # the only host sync
+                        if bad_any:
                             raise NonFiniteLossError(
                                 f"loss became NaN/inf near step {self.global_step} (epoch {self.epoch + 1}); "
                                 f"the last good checkpoint in {self.run_dir} is kept. Try a lower optim.lr "
                                 f"or a longer optim.warmup_epochs.")
-                        last_loss = float(loss_sum) / steps_here
+                        last_loss = total / steps_here
                         rate = steps_here * cfg.optim.batch_size / (time.perf_counter() - t0)
                         interval = steps_here - logged_steps
                         self._write_metrics({"type": "step", "epoch": self.epoch + 1, "step": self.global_step,
-                                             "loss": (float(loss_sum) - logged_sum) / max(interval, 1),
+                                             "loss": (total - logged_sum) / max(interval, 1),
                                              "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
-                        logged_steps, logged_sum = steps_here, float(loss_sum)
+                        logged_steps, logged_sum = steps_here, total
                         bar.n = self.batches.pos
                         bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
-                    if self._stop_requested or self._max_steps_reached():
+                    if stop or self._max_steps_reached():
                         break
                 bar.close()
-                if self._stop_requested or (self._max_steps_reached() and not self.batches.epoch_done):
-                    status = "interrupted" if self._stop_requested else "max_steps"
+                if stop or (self._max_steps_reached() and not self.batches.epoch_done):
+                    status = "interrupted" if stop else "max_steps"
                     break
                 self._end_epoch(last_loss, steps_here, time.perf_counter() - t0)
                 if self._max_steps_reached():
@@ -264,6 +306,16 @@ class Trainer:
                   f"continue with: fastmice train --resume {self.run_dir}")
         return {"status": status, "epoch": self.epoch, "global_step": self.global_step, "loss": last_loss}
 
+    def _synced(self, loss_sum: torch.Tensor, bad: torch.Tensor) -> tuple[float, bool, bool]:
+        """(loss sum, any non-finite loss, stop requested) as every rank sees them: several processes average
+        the loss, and stop or fail together (one small all_reduce, at log steps only)."""
+        if not distributed.active():
+            return float(loss_sum), bool(bad), self._stop_requested
+        t = torch.stack([loss_sum.float(), bad.float(),
+                         torch.tensor(float(self._stop_requested), device=self.device)])
+        total, n_bad, n_stop = distributed.all_reduce_sum_(t).tolist()
+        return total / distributed.world(), n_bad > 0, n_stop > 0
+
     def _max_steps_reached(self) -> bool:
         return self.cfg.train.max_steps is not None and self.global_step >= self.cfg.train.max_steps
 
@@ -277,7 +329,7 @@ class Trainer:
             "samples_per_s": steps * self.cfg.optim.batch_size / max(seconds, 1e-9),
             "epoch_seconds": seconds, **extra})
         every = self.cfg.eval.probe_every
-        if every and self.epoch % every == 0 and self.dataset.labels is not None:
+        if every and self.epoch % every == 0 and self.dataset.labels is not None and distributed.is_main():
             self._write_metrics({"type": "eval", "epoch": self.epoch, "step": self.global_step,
                                  **self.quick_eval()})
         if self.epoch % self.cfg.train.checkpoint_every == 0 or self.epoch == self.cfg.optim.epochs:

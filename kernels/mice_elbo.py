@@ -302,7 +302,7 @@ class MiceElboFunction(torch.autograd.Function):
 
 def mice_elbo_triton(
     f: Tensor, v: Tensor, g: Tensor, mu: Tensor, omega: Tensor, queue: Tensor,
-    tau: float = 1.0, kappa: float = 1.0, num_splits: int | None = None,
+    tau: float = 1.0, kappa: float = 1.0, num_splits: int | None = None, *, learn_omega: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as fastmice.loss.mice_elbo_reference, with the queue part fused.
 
@@ -312,7 +312,8 @@ def mice_elbo_triton(
     with torch.autocast(device_type=f.device.type, enabled=False):
         s = f.float() + F.normalize(mu.float(), dim=1)                      # (B, K, D)
         log_phi = MiceElboFunction.apply(s, v.detach(), queue.detach(), tau, num_splits)
-        log_pi = F.log_softmax(g.float() @ omega.detach().float().t() / kappa, dim=-1)
+        omega = omega.float() if learn_omega else omega.detach().float()
+        log_pi = F.log_softmax(g.float() @ omega.t() / kappa, dim=-1)
         joint = log_pi + log_phi
         log_evidence = torch.logsumexp(joint, dim=-1)
         posterior = torch.exp(joint - log_evidence.unsqueeze(-1)).detach()

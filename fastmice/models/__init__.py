@@ -22,7 +22,8 @@ def _mice(cfg) -> nn.Module:
     m = cfg.model
     return MiCE(ResNet(m.arch, m.stem, m.width), m.num_clusters, m.embed_dim, m.queue_size, m.tau, m.kappa,
                 m.ema_momentum, queue_dtype=getattr(torch, m.queue_dtype), single_pass=m.single_pass,
-                prior=m.prior, class_term=m.class_term)
+                prior=m.prior, class_term=m.class_term, shared_head=m.shared_head, mu_analytical=m.mu_analytical,
+                mu_grad=m.mu_grad, omega_init=m.omega_init, omega_learned=m.omega_learned)
 
 
 def _moco(cfg) -> nn.Module:

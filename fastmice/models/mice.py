@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmice import distributed
 from fastmice.loss import mice_elbo
 from fastmice.models.resnet import ResNet
 from fastmice.prototypes import mmd_prototypes
@@ -23,29 +24,37 @@ class MiCEOutput:
     loss: Tensor       # 0-dim negative ELBO
     posterior: Tensor  # (B, K) detached
     v: Tensor          # (B, K, D) teacher embeddings of x_v, to enqueue and to accumulate into mu
+    v_all: Tensor | None = None  # several processes: every rank's v in rank order, what is enqueued
 
 
 class ExpertEmbedder(nn.Module):
     """Backbone followed by K linear expert heads, each L2-normalised: the student's and teacher's f/v."""
 
-    def __init__(self, backbone: ResNet, k: int, dim: int):
+    def __init__(self, backbone: ResNet, k: int, dim: int, shared: bool = False):
         super().__init__()
         self.backbone = backbone
-        self.k, self.dim = k, dim
-        self.experts = nn.Linear(backbone.out_dim, k * dim)  # K heads 512 -> D as one matmul
+        self.k, self.dim, self.shared = k, dim, shared
+        # K heads 512 -> D as one matmul; `shared`: one head for all experts (ablation A4)
+        self.experts = nn.Linear(backbone.out_dim, dim if shared else k * dim)
 
     def heads(self, h: Tensor) -> Tensor:              # (B, F) -> (B, K, D)
-        return F.normalize(self.experts(h).view(-1, self.k, self.dim).float(), dim=-1)
+        e = self.experts(h).view(h.shape[0], 1 if self.shared else self.k, self.dim)
+        return F.normalize(e.float(), dim=-1).expand(-1, self.k, -1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.heads(self.backbone(x))
 
 
 class MiCE(nn.Module):
+    shuffle_bn = True    # several processes: MoCo's shuffle-BN for the teacher (the trainer sets train.shuffle_bn)
+    rank_local_sums = ("mu_sum", "mu_count")   # several processes: each rank's own share, summed at epoch end
+
     def __init__(self, backbone: ResNet, k: int, dim: int = 128, queue_size: int = 16384,
                  tau: float = 1.0, kappa: float = 1.0, ema_momentum: float = 0.999,
                  queue_dtype: torch.dtype = torch.float32, single_pass: bool = False,
-                 prior: str = "gating", class_term: bool = True):
+                 prior: str = "gating", class_term: bool = True, shared_head: bool = False,
+                 mu_analytical: bool = True, mu_grad: bool = True, omega_init: str = "mmd",
+                 omega_learned: bool = False):
         super().__init__()
         if k < 1:
             raise ValueError(f"number of clusters K must be >= 1, got {k}")
@@ -60,16 +69,23 @@ class MiCE(nn.Module):
         # the gating view; no class-level term is A5 (mu left out of the expert logits). With one expert and
         # both, MiCE is MoCo: the loss is InfoNCE over the queue (Theorem 3).
         self.prior, self.class_term = prior, class_term
+        self.mu_analytical, self.omega_learned = mu_analytical, omega_learned
         self.num_views = 3 if prior == "gating" else 2
-        self.student = ExpertEmbedder(backbone, k, dim)
+        self.student = ExpertEmbedder(backbone, k, dim, shared=shared_head)
         self.gate = nn.Linear(backbone.out_dim, dim)  # gating head on the shared student backbone
         self.teacher = copy.deepcopy(self.student)     # teacher.params = student.params at start
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         # Expert prototypes: trained by SGD and reset analytically each epoch (Eq. 13); random unit vectors
         # to start (the official code left them as uninitialised memory).
-        self.mu = nn.Parameter(F.normalize(torch.randn(k, dim), dim=1))
-        self.register_buffer("omega", mmd_prototypes(k, dim))                       # (K, D) fixed
+        self.mu = nn.Parameter(F.normalize(torch.randn(k, dim), dim=1), requires_grad=mu_grad)
+        if omega_init not in ("mmd", "uniform"):
+            raise ValueError(f"omega_init must be 'mmd' or 'uniform', got {omega_init!r}")
+        omega = mmd_prototypes(k, dim) if omega_init == "mmd" else F.normalize(torch.randn(k, dim), dim=1)
+        if omega_learned:
+            self.omega = nn.Parameter(omega)                                          # (K, D) by gradient
+        else:
+            self.register_buffer("omega", omega)                                      # (K, D) fixed
         self.register_buffer("queue", F.normalize(torch.randn(k, queue_size, dim), dim=-1).to(queue_dtype))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("mu_sum", torch.zeros(k, dim))                        # (K, D)
@@ -90,30 +106,41 @@ class MiCE(nn.Module):
 
     def forward(self, x_f: Tensor, x_v: Tensor, x_g: Tensor | None = None) -> MiCEOutput:
         """Views x_f (student experts), x_v (teacher), x_g (gating; unused under a uniform prior)."""
-        with torch.no_grad():
-            v = self.teacher(x_v)                                                  # (B, K, D)
+        with torch.no_grad():  # several processes: v_all is every rank's v (the queue stays the same everywhere)
+            v, v_all = distributed.teacher_forward(self.teacher, x_v, self.shuffle_bn)   # (B, K, D)
         if self.prior == "gating":
             f, g = self.student_embed(x_f, x_g)
         else:  # A3: a zero gating embedding gives log pi = -log K for every sample
             f = self.student(x_f)
             g = torch.zeros(f.shape[0], self.dim, device=f.device)
-        loss, posterior = mice_elbo(f, v, g, self._mu_used(), self.omega, self.queue, self.tau, self.kappa)
-        return MiCEOutput(loss, posterior, v)
+        loss, posterior = mice_elbo(f, v, g, self._mu_used(), self.omega, self.queue, self.tau, self.kappa,
+                                     learn_omega=self.omega_learned)
+        return MiCEOutput(loss, posterior, v, v_all)
 
     @torch.no_grad()
     def after_step(self, out: MiCEOutput) -> None:
         """EMA teacher, enqueue (after the loss, as MoCo and the paper do), and the mu sums of Eq. 13."""
         self.ema_update()
-        self.enqueue(out.v)
+        self.enqueue(out.v if out.v_all is None else out.v_all)
         if self.class_term:
             self.accumulate_mu(out.v, out.posterior)
 
     @torch.no_grad()
     def end_epoch(self) -> dict:
+        distributed.all_reduce_sum_(self.mu_sum)          # several processes: the sums over every rank's samples
+        distributed.all_reduce_sum_(self.mu_count)
         sizes = [int(c) for c in self.mu_count.tolist()]   # argmax-posterior cluster sizes of this epoch
-        if self.class_term:
+        if self.class_term and self.mu_analytical:
             self.update_mu()
+        else:
+            self.mu_sum.zero_()
+            self.mu_count.zero_()
         return {"cluster_sizes": sizes} if self.class_term else {}
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """Trainable parameters that get no gradient (uniform prior: the gate; no class term: mu); DDP must know."""
+        return self.prior == "uniform" or not self.class_term
 
     @torch.no_grad()
     def ema_update(self) -> None:
@@ -158,7 +185,8 @@ class MiCE(nn.Module):
         else:
             g = torch.zeros(f.shape[0], self.dim, device=f.device)
         v = self.teacher(x)
-        _, posterior = mice_elbo(f, v, g, self._mu_used(), self.omega, self.queue, self.tau, self.kappa)
+        _, posterior = mice_elbo(f, v, g, self._mu_used(), self.omega, self.queue, self.tau, self.kappa,
+                                     learn_omega=self.omega_learned)
         out = {"posterior": posterior, "probs": posterior, "features": h.float()}
         if self.prior == "gating":
             out.update(gating=torch.softmax(g @ self.omega.t() / self.kappa, dim=-1), g=g, embedding=g)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmice import distributed
 from fastmice.models.resnet import ResNet
 from fastmice.ntxent import nt_xent
 
@@ -120,6 +121,14 @@ class MixEM(nn.Module):
         # Both views in one pass, as SimCLR does: BatchNorm sees the 2N views together.
         _, z, pi = self.embed(torch.cat([x1, x2]))
         z1, z2 = z.chunk(2)
+        posterior = None if pi is None else pi[: x1.shape[0]].detach()
+        if distributed.active():
+            # Several processes: every rank's z and pi in rank order, with gradients (one all_gather), so the
+            # losses below are those of the global batch and every rank's samples are negatives.
+            cols = [z1, z2] + ([] if pi is None else list(pi.chunk(2)))
+            cols = distributed.gather_cat(torch.cat(cols, 1)).split([t.shape[1] for t in cols], 1)
+            z1, z2, z = cols[0], cols[1], torch.cat(cols[:2])
+            pi = None if pi is None else torch.cat(cols[2:])
         loss = nt_xent(z1, z2, self.temperature)
         parts = {"nt_xent": loss.detach()}
         if pi is not None:
@@ -129,7 +138,7 @@ class MixEM(nn.Module):
             pull, push = associative_losses(z, pi.argmax(1).detach(), self.k)
             loss = loss - w.entropy * ent + w.confidence * conf + w.pull * pull + w.push * push
             parts.update(batch_entropy=ent.detach(), confidence=conf.detach(), pull=pull.detach(), push=push.detach())
-        return MixEMOutput(loss, parts, None if pi is None else pi[: x1.shape[0]].detach())
+        return MixEMOutput(loss, parts, posterior)
 
     # The trainer's hooks: nothing to do between steps or at the end of an epoch.
     def after_step(self, out: MixEMOutput) -> None:
