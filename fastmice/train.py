@@ -247,8 +247,10 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         spe = self.batches.steps_per_epoch
         in_main_thread = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        if in_main_thread:
+        if in_main_thread:  # Ctrl-C, and the SIGTERM a scheduler or `timeout` sends: checkpoint, then exit
+            previous_term = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGINT, self._request_stop)
+            signal.signal(signal.SIGTERM, self._request_stop)
         status, last_loss = "finished", float("nan")
         try:
             while self.epoch < cfg.optim.epochs:
@@ -299,6 +301,7 @@ class Trainer:
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, previous_term)
         if status != "finished":  # a finished run saved at its last epoch
             self.save_checkpoint()
         if status == "interrupted":

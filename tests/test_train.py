@@ -42,7 +42,9 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, digits_small):
     assert all(r["loss"] > 0 for r in lines if r["type"] == "step")
 
 
-def test_ctrl_c_writes_checkpoint(tmp_path, digits_small, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_write_checkpoint(tmp_path, digits_small, monkeypatch, sig):
+    term_before = signal.getsignal(signal.SIGTERM)
     t = make_trainer(tmp_path, digits_small, "sig")
     original = t.train_step
     calls = {"n": 0}
@@ -51,7 +53,7 @@ def test_ctrl_c_writes_checkpoint(tmp_path, digits_small, monkeypatch):
         out = original(x, lr)
         calls["n"] += 1
         if calls["n"] == 4:
-            signal.raise_signal(signal.SIGINT)     # as if the user pressed Ctrl-C during step 4
+            signal.raise_signal(sig)               # Ctrl-C, or a scheduler's SIGTERM, during step 4
         return out
 
     monkeypatch.setattr(t, "train_step", step_then_interrupt)
@@ -60,6 +62,7 @@ def test_ctrl_c_writes_checkpoint(tmp_path, digits_small, monkeypatch):
     state = load_checkpoint(tmp_path / "sig")
     assert state["global_step"] == 4 and state["batches"]["pos"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == term_before
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_small, monkeypatch):
