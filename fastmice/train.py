@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -227,9 +228,9 @@ class Trainer:
         return out.loss.detach(), out.posterior
 
     # ---- the loop -----------------------------------------------------------------------------------
-    def _request_stop(self, signum, frame) -> None:  # first Ctrl-C: finish the step, checkpoint, exit
+    def _request_stop(self, signum, frame) -> None:  # first signal: finish the step, checkpoint, exit
         self._stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one interrupts at once
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if not distributed.is_main():
@@ -246,11 +247,13 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         spe = self.batches.steps_per_epoch
-        in_main_thread = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        if in_main_thread:  # Ctrl-C, and the SIGTERM a scheduler or `timeout` sends: checkpoint, then exit
-            previous_term = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGINT, self._request_stop)
-            signal.signal(signal.SIGTERM, self._request_stop)
+        # Ctrl-C, and the SIGTERM a scheduler or `timeout` sends: finish the step, checkpoint, exit. Decided by
+        # thread, not by the current SIGINT handler: background jobs of a shell start with SIGINT ignored.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread:
+            previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+            for sig in previous:
+                signal.signal(sig, self._request_stop)
         status, last_loss = "finished", float("nan")
         try:
             while self.epoch < cfg.optim.epochs:
@@ -300,8 +303,8 @@ class Trainer:
                     break
         finally:
             if in_main_thread:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                signal.signal(signal.SIGTERM, previous_term)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         if status != "finished":  # a finished run saved at its last epoch
             self.save_checkpoint()
         if status == "interrupted":

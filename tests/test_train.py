@@ -42,9 +42,12 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, digits_small):
     assert all(r["loss"] > 0 for r in lines if r["type"] == "step")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_and_sigterm_write_checkpoint(tmp_path, digits_small, monkeypatch, sig):
-    term_before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("sig,sigint_ignored", [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                                (signal.SIGTERM, True)])
+def test_ctrl_c_and_sigterm_write_checkpoint(tmp_path, digits_small, monkeypatch, sig, sigint_ignored):
+    if sigint_ignored:  # as in a background job of a shell (`fastmice train ... &`, nohup)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term_before, int_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     t = make_trainer(tmp_path, digits_small, "sig")
     original = t.train_step
     calls = {"n": 0}
@@ -61,8 +64,9 @@ def test_ctrl_c_and_sigterm_write_checkpoint(tmp_path, digits_small, monkeypatch
     assert summary["status"] == "interrupted" and summary["global_step"] == 4
     state = load_checkpoint(tmp_path / "sig")
     assert state["global_step"] == 4 and state["batches"]["pos"] == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == term_before
+    assert signal.getsignal(signal.SIGINT) == int_before
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_small, monkeypatch):
