@@ -134,3 +134,29 @@ def test_mixem_readouts_use_component_initialised_kmeans():
     # with niter=0 the assignment is to the initial centres: exactly the mixture's grouping
     assert (torch.as_tensor(preds["kmeans_mixture_init"]) == (truth + 3) % 10).all()
     assert (torch.as_tensor(preds["mixture"]) == (truth + 3) % 10).all()
+
+
+def test_linear_probe_on_separable_features():
+    from fastmice.evaluate import linear_probe
+    torch.manual_seed(0)
+    labels = torch.arange(300) % 3
+    feats = F.one_hot(labels, 8).float() + 0.05 * torch.randn(300, 8)
+    result = linear_probe(feats, labels, seed=0)
+    assert result["accuracy"] == 1.0 and (result["train"], result["test"]) == (240, 60)
+    noise = linear_probe(torch.randn(300, 8), labels, seed=0)
+    assert noise["accuracy"] < 0.6                                       # chance is 1/3
+
+
+def test_probe_every_writes_eval_records(tmp_path, digits_small):
+    import json
+
+    from conftest import tiny_overrides
+    from fastmice.train import Trainer
+    cfg = load_config("digits", tiny_overrides(tmp_path, **{"method": "simclr", "optim.name": "adam",
+                                                            "optim.lr": 1e-3, "eval.probe_every": 1,
+                                                            "eval.linear_probe": "true"}))
+    Trainer(cfg, tmp_path / "run", digits_small).fit()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    assert 0 <= evals[-1]["kmeans"]["acc"] <= 1 and 0 <= evals[-1]["linear_probe"]["accuracy"] <= 1
