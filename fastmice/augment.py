@@ -6,7 +6,9 @@ no host-device sync, and a run is exactly reproducible from the generator state 
 and restores it for exact resume).
 
 The transforms follow torchvision's semantics (RandomResizedCrop, RandomGrayscale, ColorJitter,
-RandomHorizontalFlip, GaussianBlur). The deliberate differences are listed in `augment_batch`.
+RandomHorizontalFlip, GaussianBlur), plus an optional batched RandAugment (fastmice.randaugment). The
+deliberate differences are listed in `augment_batch`. RECIPES names complete configs (MoCo v1, SimCLR,
+crop + flip + RandAugment); recipe_overrides turns one into `--augment.key=value` overrides.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ _ORDERS = ("moco", "simclr")
 _CROP_TRIES = 10                 # torchvision's RandomResizedCrop.get_params tries 10 times
 _BLUR_SIGMA = (0.1, 2.0)         # SimCLR's Gaussian blur sigma range
 _LUMA = (0.299, 0.587, 0.114)    # ITU-R 601-2 luma (PIL's convert("L"))
+_RA_BINS = 31                    # RandAugment magnitude bins (torchvision's num_magnitude_bins default)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class AugmentConfig:
     blur_kernel_frac: float = 0.1  # Gaussian blur kernel ~10% of the side, sigma in [0.1, 2.0]
     # "moco": crop, grayscale, jitter, flip (MoCo v1's order); "simclr": crop, flip, jitter(p), grayscale, blur
     order: str = "moco"
+    # RandAugment (torchvision semantics) after the crop, flip and the colour ops above: ops per image
+    # (0 = off, RandAugment's N) at magnitude bin randaugment_magnitude in 0..30 (M; 9 in the paper).
+    randaugment_ops: int = 0
+    randaugment_magnitude: int = 9
 
     def __post_init__(self) -> None:
         # YAML gives lists; store tuples so configs stay hashable and compare equal.
@@ -78,11 +85,57 @@ class AugmentConfig:
             raise ValueError(f"blur_kernel_frac must lie in (0, 1], got {self.blur_kernel_frac!r}")
         if self.order not in _ORDERS:
             raise ValueError(f"order must be one of {_ORDERS}, got {self.order!r}")
+        for name in ("randaugment_ops", "randaugment_magnitude"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.randaugment_ops < 0:
+            raise ValueError(f"randaugment_ops is the number of RandAugment ops per image (0 = off) and must "
+                             f"be >= 0, got {self.randaugment_ops!r}")
+        if not 0 <= self.randaugment_magnitude < _RA_BINS:
+            raise ValueError(f"randaugment_magnitude is a bin of RandAugment's {_RA_BINS}-step magnitude scale "
+                             f"and must lie in 0..{_RA_BINS - 1}, got {self.randaugment_magnitude!r}")
 
 
-MOCO_V1 = AugmentConfig()
-SIMCLR = AugmentConfig(crop_scale=(0.08, 1.0), grayscale_p=0.2, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8,
-                       blur_p=0.5, order="simclr")
+# Named augmentation recipes, each a value for EVERY AugmentConfig field, so applying one fully
+# determines the augmentation (the CLI's --augment-recipe; explicit --augment.* overrides go on top).
+RECIPES: dict[str, dict[str, object]] = {
+    # MoCo v1 (MiCE's): crop 0.2-1, grayscale 0.2, jitter 0.4 always, flip; this is AugmentConfig().
+    "moco": dict(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), grayscale_p=0.2, jitter=(0.4, 0.4, 0.4, 0.4),
+                 jitter_p=1.0, flip_p=0.5, blur_p=0.0, blur_kernel_frac=0.1, order="moco",
+                 randaugment_ops=0, randaugment_magnitude=9),
+    # SimCLR: crop 0.08-1, flip, jitter 0.8/0.8/0.8/0.2 with p 0.8, grayscale 0.2, blur p 0.5.
+    "simclr": dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), grayscale_p=0.2, jitter=(0.8, 0.8, 0.8, 0.2),
+                   jitter_p=0.8, flip_p=0.5, blur_p=0.5, blur_kernel_frac=0.1, order="simclr",
+                   randaugment_ops=0, randaugment_magnitude=9),
+    # MiCE's Table 4 "(RA)": crop 0.2-1, flip, then RandAugment N=2, M=9; no jitter, grayscale or blur.
+    "randaugment": dict(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), grayscale_p=0.0,
+                        jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, flip_p=0.5, blur_p=0.0, blur_kernel_frac=0.1,
+                        order="moco", randaugment_ops=2, randaugment_magnitude=9),
+}
+
+MOCO_V1 = AugmentConfig(**RECIPES["moco"])
+SIMCLR = AugmentConfig(**RECIPES["simclr"])
+
+
+def _override_value(value) -> str:
+    """A recipe value as YAML text that fastmice.config.parse_overrides reads back to the same value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        text = repr(value)
+        # PyYAML reads 1e-05 as a string: exponents need a mantissa with a dot (1.0e-05).
+        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
+    return str(value)
+
+
+def recipe_overrides(name: str) -> list[str]:
+    """The recipe `name` as override strings, e.g. ["--augment.crop_scale=[0.2, 1.0]", ...], one per field."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown augmentation recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
+    return [f"--augment.{key}={_override_value(value)}" for key, value in RECIPES[name].items()]
 
 
 # ----------------------------------------------------------------------------------------- randomness
@@ -347,8 +400,11 @@ def augment_batch(
 
     mean/std are on the [0, 1] scale (e.g. CIFAR-10 (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616)).
     All randomness comes from `generator`, always in the same amount for a given B, so the config never
-    shifts the stream. Nothing here syncs the host with the device as long as the generator (and mean/std,
-    if tensors) are on x.device; a generator on another device works but its draws are copied over.
+    shifts the stream; the one exception is RandAugment, which when on (randaugment_ops = N > 0) draws
+    2 N more uniforms per sample after all the others and runs last, just before normalisation (see
+    fastmice.randaugment for its own differences from torchvision). Nothing here syncs the host with the
+    device as long as the generator (and mean/std, if tensors) are on x.device; a generator on another
+    device works but its draws are copied over.
 
     Deliberate differences from torchvision:
     - Parameters are per sample (torchvision draws them per call, i.e. per image in a DataLoader, so the
@@ -362,6 +418,7 @@ def augment_batch(
     - The horizontal flip is folded into the crop's resampling, i.e. done first. For order="simclr" that
       is torchvision's place for it. For order="moco" torchvision flips last, after grayscale and jitter;
       that is equivalent because those ops act per pixel (contrast's global mean is flip-invariant).
+      RandAugment (not per pixel) always comes after the flip, as in crop, flip, RandAugment pipelines.
     - Grayscale uses the ITU-R 601 weights (0.299, 0.587, 0.114) like PIL; torchvision's tensor path
       uses 0.2989 for red.
     """
@@ -399,6 +456,9 @@ def augment_batch(
         if cfg.blur_p > 0 and out_size > 1:
             k = _blur_kernel_size(out_size, cfg.blur_kernel_frac)
             img = torch.where(blur_on, _gaussian_blur(img, sigma, k), img)
+    if cfg.randaugment_ops > 0:            # its draws come after all of the above: off leaves the stream as is
+        from fastmice.randaugment import rand_augment   # here: fastmice.randaugment imports this module
+        img = rand_augment(img, cfg.randaugment_ops, cfg.randaugment_magnitude, generator, num_bins=_RA_BINS)
     return _normalize(img, mean, std, out_dtype, channels_last)
 
 

@@ -34,6 +34,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmice.evaluate import evaluate_model, format_results
     from fastmice.train import Trainer
 
+    if args.augment_recipe:
+        from fastmice.augment import recipe_overrides
+        overrides = recipe_overrides(args.augment_recipe) + overrides   # explicit --augment.* still win
+    if args.seeds:
+        return _train_seeds(args, overrides)
     if args.resume:
         if args.config:
             print("note: --resume uses the config saved in the run folder; CONFIG is ignored", file=sys.stderr)
@@ -63,6 +68,37 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _train_seeds(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fastmice.config import load_config
+    from fastmice.seeds import default_group_dir, format_summary, parse_seeds, run_seeds
+
+    if args.resume:
+        raise ValueError("--seeds and --resume: to continue a group of seeds, run the same --seeds command "
+                         "with --run-dir GROUP (finished seeds are skipped, interrupted ones resume)")
+    seeds = parse_seeds(args.seeds)
+    if args.init_from:
+        overrides = overrides + [f"--train.init_from={args.init_from}"]
+    cfg = load_config(args.config or DEFAULT_CONFIG, overrides)   # fail here, not once per seed
+    group = Path(args.run_dir) if args.run_dir else default_group_dir(args.config, cfg.train.out_dir)
+    print(f"{len(seeds)} seeds into {group}")
+    summary = run_seeds(args.config, overrides, seeds, group, parallel=args.parallel)
+    print(format_summary(summary))
+    print(f"written to {group}: summary.json, summary.md")
+    return 1 if summary.get("failed_seeds") else 0
+
+
+def cmd_summary(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fastmice.seeds import find_runs, format_summary, summarize
+
+    runs = find_runs([Path(p) for p in args.runs])
+    out = Path(args.out) if args.out else (Path(args.runs[0]) if len(args.runs) == 1 else None)
+    summary = summarize(runs, out)
+    print(format_summary(summary))
+    if out is not None:
+        print(f"written to {out}: summary.json, summary.md")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmice.config import parse_overrides
     from fastmice.evaluate import evaluate_run, format_results
@@ -85,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR", help="run folder (default: train.out_dir/<name>-<date>)")
     p.add_argument("--init-from", metavar="CKPT", help="start the backbone from another run's checkpoint "
                    "(a run folder or checkpoint.pt; e.g. SimCLR before MIX'EM); same as --train.init_from")
+    p.add_argument("--seeds", metavar="LIST", help="the Table 1 protocol: one run per seed (e.g. 0,1,2,3,4 or 0-4) "
+                   "into RUN_DIR/seed<S>, then mean ± std of ACC/NMI/ARI beside the paper's figures "
+                   "(RUN_DIR/summary.md); run it again to continue after an interruption")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="with --seeds: train N seeds at once (on one GPU when memory allows; default 1)")
+    p.add_argument("--augment-recipe", metavar="NAME", choices=("moco", "simclr", "randaugment"),
+                   help="the augmentation recipe: moco (MoCo v1, MiCE's), simclr, or randaugment (crop, flip, "
+                   "RandAugment N=2 M=9); the Table 4 switch. --augment.* overrides still apply on top")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint: ACC/NMI/ARI, assignments, pictures",
@@ -94,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run folder holding checkpoint.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("summary", help="mean ± std of ACC/NMI/ARI over runs (e.g. the seeds of --seeds)",
+                       description="Summarise evaluated runs (folders holding eval.json, or a folder of them, such "
+                       "as the RUN_DIR of `fastmice train --seeds`): mean ± sample std of every readout's "
+                       "ACC/NMI/ARI in %, the published figures beside them, and the training time.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders of run folders")
+    p.add_argument("--out", metavar="DIR", help="write summary.json and summary.md here (default: the folder "
+                   "given, when only one is given)")
+    p.set_defaults(func=cmd_summary)
 
     from fastmice.data.prepare import add_data_arguments
     from fastmice.predict import add_predict_arguments

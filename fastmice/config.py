@@ -64,6 +64,11 @@ class ModelConfig:
     mu_grad: bool = True            # mu trained by SGD; off: the analytical update only
     omega_init: str = "mmd"         # mmd: Max-Mahalanobis centres (Algorithm 2) | uniform: random unit vectors
     omega_learned: bool = False     # train omega by gradient instead of keeping it fixed
+    # Appendix E's alternative to Eq. 13: after each epoch, SGD on mu alone (networks fixed) for up to this many
+    # passes over the data, stopping early once mu moves less than mu_sgd_tol (mean |delta mu|) in a pass.
+    # The paper reaches Eq. 13's accuracy this way at >10x the training time; use with mu_analytical: false.
+    mu_sgd_passes: int = 0
+    mu_sgd_tol: float = 1e-4
     hidden_dim: int = 512           # MIX'EM / SimCLR: hidden width of the projection MLPs
 
     def validate(self) -> None:
@@ -84,6 +89,9 @@ class ModelConfig:
             raise ConfigError(f"model.omega_init must be 'mmd' or 'uniform', got {self.omega_init!r}")
         if self.prior not in ("gating", "uniform"):
             raise ConfigError(f"model.prior must be 'gating' or 'uniform', got {self.prior!r}")
+        if self.mu_sgd_passes < 0 or self.mu_sgd_tol < 0:
+            raise ConfigError(f"model.mu_sgd_passes and model.mu_sgd_tol must be >= 0, got "
+                              f"{self.mu_sgd_passes}, {self.mu_sgd_tol}")
         if self.queue_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.queue_dtype must be float32, bfloat16 or float16, got {self.queue_dtype!r}")
 
@@ -130,6 +138,7 @@ class TrainConfig:
     channels_last: str = "auto"      # auto (on for CUDA) | on | off
     progress: bool = True
     init_from: str | None = None     # start the backbone from another run's checkpoint (e.g. SimCLR -> MIX'EM)
+    init_scope: str = "backbone"     # backbone | model: the whole model of a run of the same method (Table 4)
     # Several processes (torchrun) only; no effect in one process. BatchNorm then sees each rank's share of the batch.
     sync_bn: bool = False            # SyncBatchNorm: statistics over the global batch (CUDA only; one all-reduce
                                      # per BN layer per pass, hence off by default, as in MoCo's multi-GPU code)
@@ -141,6 +150,8 @@ class TrainConfig:
             raise ConfigError(f"train.amp must be auto, bf16 or off, got {self.amp!r}")
         if self.channels_last not in ("auto", "on", "off"):
             raise ConfigError(f"train.channels_last must be auto, on or off, got {self.channels_last!r}")
+        if self.init_scope not in ("backbone", "model"):
+            raise ConfigError(f"train.init_scope must be backbone or model, got {self.init_scope!r}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("train.checkpoint_every and train.log_every must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
@@ -156,6 +167,10 @@ class EvalConfig:
     linear_probe: bool = False       # logistic regression on frozen features (labels needed)
     probe_every: int = 0             # also probe every N epochs during training (0: only at evaluation)
     pixel_baseline: bool = True      # also report k-means on raw pixels (a sanity baseline)
+    # Save the embeddings of a fixed subsample at epoch 1, every N epochs and at the end (RUN/embeddings/), for
+    # the t-SNE of `fastmice report` across training (the paper's Fig. 2, 4, 5); 0: only the final model's.
+    embed_every: int = 0
+    embed_samples: int = 2000
 
 
 @dataclass
@@ -175,6 +190,8 @@ class Config:
             raise ConfigError(f"method={self.method!r}: available methods are {list(METHODS)}")
         if self.mixem.confidence_kind not in ("entropy", "max"):
             raise ConfigError(f"mixem.confidence_kind must be 'entropy' or 'max', got {self.mixem.confidence_kind!r}")
+        if self.eval.embed_every < 0 or self.eval.embed_samples < 1 or self.eval.probe_every < 0:
+            raise ConfigError("eval.embed_every and eval.probe_every must be >= 0 and eval.embed_samples >= 1")
         for section in (self.data, self.augment, self.model, self.optim, self.train):
             try:
                 section.validate()
@@ -186,6 +203,8 @@ class Config:
         if self.method == "mice" and m.omega_init == "mmd" and m.num_clusters > m.embed_dim + 1:
             raise ConfigError(f"model.num_clusters={m.num_clusters} needs model.embed_dim >= K-1 "
                               f"(the gating prototypes are K maximally separated unit vectors in R^D)")
+        if m.mu_sgd_passes and (self.method != "mice" or not m.class_term):
+            raise ConfigError("model.mu_sgd_passes (Appendix E) needs method: mice with model.class_term: true")
         if self.method in ("mice", "moco") and self.optim.batch_size > self.model.queue_size:
             raise ConfigError(f"optim.batch_size={self.optim.batch_size} exceeds model.queue_size="
                               f"{self.model.queue_size}: a batch must fit in the queue")

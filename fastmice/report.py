@@ -322,6 +322,12 @@ def write_html(path: Path, run: LoadedRun, dataset: ImageDataset, result: dict[s
                      + _img(pictures["evolution"], "cluster sizes during training"))
     else:
         parts.append("<p class=note>No epoch records in metrics.jsonl.</p>")
+    if pictures.get("curves"):
+        parts.append(_img(pictures["curves"], "ACC, NMI and ARI per epoch"))
+    if pictures.get("posterior"):
+        parts.append(_img(pictures["posterior"], "posterior histograms of the first and last epochs"))
+    if pictures.get("tsne"):
+        parts.append("<h2>Embeddings (t-SNE)</h2>" + _img(pictures["tsne"], "t-SNE of the embeddings"))
     parts.append("<h2>Cluster sizes</h2>" + _img(pictures["sizes"], "cluster sizes"))
     if pictures.get("confusion"):
         parts.append("<h2>Confusion matrix</h2>" + _img(pictures["confusion"], "classes x clusters"))
@@ -331,8 +337,31 @@ def write_html(path: Path, run: LoadedRun, dataset: ImageDataset, result: dict[s
 
 
 # ---- the report ---------------------------------------------------------------------------------------
+def paper_figures(run: LoadedRun, dataset: ImageDataset, clusters: np.ndarray, epochs: list[dict[str, Any]],
+                  evals: list[dict[str, Any]], out_dir: Path, tsne_samples: int) -> dict[str, str | None]:
+    """The MiCE paper's figures for this run (fastmice.figures): ACC/NMI/ARI per epoch, the posterior
+    histograms of the first and last epochs, and t-SNE of the embeddings saved during training
+    (eval.embed_every) plus the final model's, on the same fixed subsample."""
+    from fastmice.figures import plot_metric_curves, plot_posterior_histograms, plot_tsne, read_snapshots, subsample
+
+    pics: dict[str, str | None] = {"curves": None, "posterior": None, "tsne": None}
+    curves = plot_metric_curves(evals, out_dir / "metrics_per_epoch.png")
+    pics["curves"] = curves.name if curves else None
+    hist = plot_posterior_histograms(epochs, out_dir / "posterior_histogram.png")
+    pics["posterior"] = hist.name if hist else None
+    if tsne_samples > 0 and len(dataset) >= 5:
+        snaps = [s for s in read_snapshots(run.run_dir) if s["epoch"] != run.epoch][-2:]
+        idx = subsample(len(dataset), tsne_samples, run.cfg.train.seed)
+        emb = run.infer(dataset.images[torch.from_numpy(idx)])["embedding"].float().cpu().numpy()
+        final = {"embedding": emb, "cluster": clusters[idx], "epoch": run.epoch}
+        if dataset.labels is not None:
+            final["label"] = dataset.labels.numpy()[idx]
+        pics["tsne"] = plot_tsne(snaps + [final], out_dir / "tsne.png", seed=run.cfg.train.seed).name
+    return pics
+
+
 def make_report(run_dir: str | Path, device: str = "auto", overrides: dict[str, Any] | None = None,
-                progress: bool = False) -> Path:
+                progress: bool = False, tsne_samples: int = 2000) -> Path:
     """Write RUN/report/ (index.html and its PNGs) and return the path of index.html."""
     from fastmice.metrics import confusion_matrix
 
@@ -364,6 +393,7 @@ def make_report(run_dir: str | Path, device: str = "auto", overrides: dict[str, 
                                 num_clusters=k)
         pictures["confusion"] = plot_confusion(conf, out_dir / "confusion.png", class_names=dataset.class_names,
                                                title=f"{run.cfg.name}: classes x clusters ({primary})").name
+    pictures.update(paper_figures(run, dataset, clusters, epochs, evals, out_dir, tsne_samples))
     rows = write_cluster_sheets(dataset, clusters, score, k, out_dir)
     stats = summary_stats(clusters, score, k, score_name)
     return write_html(out_dir / "index.html", run, dataset, result, score_name, stats, pictures, rows)
@@ -376,11 +406,15 @@ def add_report_arguments(subparsers: argparse._SubParsersAction) -> argparse.Arg
         description="Write RUN/report/index.html with its pictures: loss, learning rate and cluster sizes "
                     "per epoch, the cluster-size chart, the confusion matrix and metrics (when the data has "
                     "labels) or size and confidence statistics (when not), and for every cluster its most "
-                    "and least confident images. Evaluates the run first if eval.json is missing or older "
+                    "and least confident images; the paper's figures (ACC/NMI/ARI per epoch with "
+                    "eval.probe_every, posterior histograms, t-SNE of the embeddings across training with "
+                    "eval.embed_every). Evaluates the run first if eval.json is missing or older "
                     "than the checkpoint. The page is static HTML: open it from the file system. Overrides "
                     "such as --data.root=PATH point it at moved data.")
     p.add_argument("run", metavar="RUN", help="run folder holding checkpoint.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--tsne-samples", type=int, default=2000, metavar="N",
+                   help="t-SNE (perplexity 200, as the paper) of N images' embeddings; 0 skips it (default 2000)")
     p.set_defaults(func=cmd_report)
     return p
 
@@ -388,6 +422,7 @@ def add_report_arguments(subparsers: argparse._SubParsersAction) -> argparse.Arg
 def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmice.config import parse_overrides
 
-    index = make_report(args.run, args.device, parse_overrides(overrides), progress=True)
+    index = make_report(args.run, args.device, parse_overrides(overrides), progress=True,
+                        tsne_samples=args.tsne_samples)
     print(f"report written: {index}")
     return 0

@@ -29,9 +29,17 @@ from fastmice.loader import DeviceBatches
 from fastmice.models import build_model
 
 
-def load_backbone(model: torch.nn.Module, path: str | Path) -> None:
-    """Copy the backbone weights of another run's checkpoint (MiCE: into student and teacher)."""
+def load_backbone(model: torch.nn.Module, path: str | Path, scope: str = "backbone") -> None:
+    """Copy the backbone weights of another run's checkpoint (MiCE: into student and teacher). scope="model"
+    copies the whole model instead (heads, teacher, prototypes, queue): MiCE pre-training + MiCE (Table 4)."""
     state = load_checkpoint(path)["model"]
+    if scope == "model":
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"init_from {path} with train.init_scope=model: the checkpoint's model does not match "
+                             f"this config's (same method, architecture, K, D and queue size needed): {e}") from e
+        return
     prefixes = ("backbone.", "student.backbone.")
     weights = {}
     for key, value in state.items():
@@ -126,8 +134,11 @@ class Trainer:
         self.image_size = self.dataset.images.shape[-1]
         self.crop_size = cfg.data.crop_size or self.image_size
         self.model = build_model(cfg).to(self.device)
+        if cfg.train.init_scope == "model" and not cfg.train.init_from:
+            raise ValueError(f"{cfg.name}: train.init_scope=model fine-tunes a pre-trained run; give it with "
+                             f"--init-from RUN (or set train.init_scope=backbone)")
         if cfg.train.init_from:
-            load_backbone(self.model, cfg.train.init_from)
+            load_backbone(self.model, cfg.train.init_from, cfg.train.init_scope)
         if self.precision.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -206,9 +217,12 @@ class Trainer:
     # ---- one step -----------------------------------------------------------------------------------
     def views(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The method's independent augmentations of the same images (MiCE: x_f, x_v, x_g)."""
-        return [augment_batch(x, self.cfg.augment, self.crop_size, self.mean, self.std,
-                              generator=self.batches.generator, out_dtype=self.precision.view_dtype,
-                              channels_last=self.precision.channels_last) for _ in range(self.model.num_views)]
+        return self._views_with(x, self.batches.generator)
+
+    def _views_with(self, x: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        return [augment_batch(x, self.cfg.augment, self.crop_size, self.mean, self.std, generator=generator,
+                              out_dtype=self.precision.view_dtype, channels_last=self.precision.channels_last)
+                for _ in range(self.model.num_views)]
 
     def train_step(self, x: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One step on uint8 images x; returns (loss, posterior or None) as device tensors.
@@ -325,7 +339,38 @@ class Trainer:
     def _max_steps_reached(self) -> bool:
         return self.cfg.train.max_steps is not None and self.global_step >= self.cfg.train.max_steps
 
+    def _refine_mu(self) -> dict[str, Any]:
+        """Appendix E: SGD on mu alone, the networks fixed, for up to model.mu_sgd_passes passes over the data
+        (a random stream of its own, so the training stream and exact resume are untouched)."""
+        cfg, model = self.cfg, self.model
+        lr = learning_rate(cfg, self.epoch, self.batches.steps_per_epoch - 1, self.batches.steps_per_epoch)
+        opt = torch.optim.SGD([model.mu], lr=lr, momentum=cfg.optim.momentum)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(cfg.train.seed * 1_000_003 + self.epoch)
+        images, bs = self.batches.images, cfg.optim.batch_size
+        passes, change = 0, float("inf")
+        trainable = model.mu.requires_grad
+        model.mu.requires_grad_(True)      # also under model.mu_grad: false (no SGD on mu during the epoch)
+        while passes < cfg.model.mu_sgd_passes and change > cfg.model.mu_sgd_tol:
+            start = model.mu.detach().clone()
+            perm = torch.randperm(images.shape[0], device=self.device, generator=gen)
+            for i in range(images.shape[0] // bs):
+                views = [distributed.shard(v) for v in self._views_with(images[perm[i * bs:(i + 1) * bs]], gen)]
+                with self.precision.autocast():
+                    loss = model.mu_only_loss(*views)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if distributed.active():   # the mean gradient over the ranks, as DDP would give
+                    distributed.all_reduce_sum_(model.mu.grad).div_(distributed.world())
+                opt.step()
+            passes += 1
+            change = float((model.mu.detach() - start).abs().mean())   # once per pass: a host sync is fine here
+        model.mu.requires_grad_(trainable)
+        model.mu.grad = None
+        return {"mu_sgd_passes": passes, "mu_sgd_change": change}
+
     def _end_epoch(self, loss: float, steps: int, seconds: float) -> None:
+        mu_sgd = self._refine_mu() if self.cfg.model.mu_sgd_passes else {}
         extra = self.model.end_epoch()         # MiCE: cluster sizes of the epoch, then mu by Eq. 13
         self.epoch += 1
         self._write_metrics({
@@ -333,13 +378,37 @@ class Trainer:
             "lr": learning_rate(self.cfg, self.epoch - 1, self.batches.steps_per_epoch - 1,
                                 self.batches.steps_per_epoch),
             "samples_per_s": steps * self.cfg.optim.batch_size / max(seconds, 1e-9),
-            "epoch_seconds": seconds, **extra})
+            "epoch_seconds": seconds, **extra, **mu_sgd})
         every = self.cfg.eval.probe_every
         if every and self.epoch % every == 0 and self.dataset.labels is not None and distributed.is_main():
             self._write_metrics({"type": "eval", "epoch": self.epoch, "step": self.global_step,
                                  **self.quick_eval()})
+        every = self.cfg.eval.embed_every
+        if every and (self.epoch == 1 or self.epoch % every == 0 or self.epoch == self.cfg.optim.epochs):
+            self.save_embeddings()
         if self.epoch % self.cfg.train.checkpoint_every == 0 or self.epoch == self.cfg.optim.epochs:
             self.save_checkpoint()
+
+    def save_embeddings(self) -> Path | None:
+        """RUN/embeddings/epoch_NNNN.npz: embedding, cluster (the primary readout) and label of a fixed
+        seeded subsample, for the t-SNE figures of `fastmice report`."""
+        import numpy as np
+
+        from fastmice.evaluate import infer_dataset, predictions
+        from fastmice.figures import subsample
+
+        if not distributed.is_main():
+            return None
+        idx = subsample(len(self.dataset), self.cfg.eval.embed_samples, self.cfg.train.seed)
+        out = infer_dataset(self.model, self.dataset.images[torch.from_numpy(idx)], self.cfg, self.device,
+                            self.crop_size, self.precision.autocast, self.precision.channels_last)
+        cluster = next(iter(predictions(out, self.cfg.model.num_clusters, self.cfg).values()))
+        path = self.run_dir / "embeddings" / f"epoch_{self.epoch:04d}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        labels = self.dataset.labels[torch.from_numpy(idx)].numpy() if self.dataset.labels is not None else None
+        np.savez_compressed(path, index=idx, embedding=out["embedding"].float().cpu().numpy(), cluster=cluster,
+                            **({"label": labels} if labels is not None else {}))
+        return path
 
     def quick_eval(self) -> dict[str, Any]:
         """ACC/NMI/ARI of every readout and the linear probe, without writing files (eval.probe_every)."""

@@ -243,6 +243,9 @@ def _configs(augment: AugmentConfig | Sequence[AugmentConfig], num_views: int) -
         raise ValueError(f"got {len(cfgs)} augment configs for {num_views} views")
     for c in cfgs:
         c.validate()
+        if c.randaugment_ops:   # not silently skipped: the batched torch path has it, this pipeline does not
+            raise ValueError("augment.randaugment_ops > 0: RandAugment is not in the DALI pipeline; use the "
+                             "in-memory torch augmentation (fastmice.augment) for the randaugment recipe")
     return cfgs
 
 

@@ -1,4 +1,5 @@
-"""`fastmice data ...`: inspect a data source (`check`) or fetch a benchmark dataset (`download`).
+"""`fastmice data ...`: inspect a data source (`check`), fetch a benchmark dataset (`download`), or
+build the ImageNet-Dog subset from a local ILSVRC2012 copy (`imagenet-dog`).
 
 The top-level CLI calls :func:`add_data_arguments` on its subparsers and dispatches to
 :func:`run_data_command` (also set as the parser default ``func``).
@@ -182,8 +183,8 @@ def _comma_list(text: str) -> list[str]:
 
 
 def add_data_arguments(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``data`` subcommand (``check`` and ``download`` actions); returns its parser."""
-    data = subparsers.add_parser("data", help="inspect or download datasets",
+    """Add the ``data`` subcommand (``check``, ``download``, ``imagenet-dog``); returns its parser."""
+    data = subparsers.add_parser("data", help="inspect, download or build datasets",
                                  description="Inspect a data source or download a benchmark dataset.")
     actions = data.add_subparsers(dest="data_action", metavar="ACTION", required=True)
 
@@ -204,6 +205,27 @@ def add_data_arguments(subparsers: argparse._SubParsersAction) -> argparse.Argum
     dl.add_argument("--force", action="store_true", help="download even if already extracted")
     dl.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    dog = actions.add_parser(
+        "imagenet-dog", help="build the 15-class ImageNet-Dog subset from an ILSVRC2012 folder",
+        description="Build ImageNet-Dog: the 15 dog classes of DAC, DCCM and MiCE, taking all 1300 "
+        "ILSVRC2012 *train* images of each class (19,500 images; the val set is not used). Every image "
+        "is converted to RGB, resized to SIZE x SIZE and written as lossless PNG into "
+        "OUT_DIR/train/<NN_wnid_name>/ (plus classes.txt, manifest.json, skipped.txt); "
+        "configs/imagenet_dog.yaml reads that folder. Re-running skips images already written.")
+    dog.add_argument("imagenet_dir", metavar="ILSVRC2012_DIR",
+                     help="ImageNet root: ROOT/train/<wnid>/, ROOT/<wnid>/ or the Kaggle layout "
+                     "ROOT/ILSVRC/Data/CLS-LOC/train/<wnid>/")
+    dog.add_argument("out_dir", metavar="OUT_DIR", nargs="?", default="data/imagenet_dog",
+                     help="output folder (default: data/imagenet_dog, the config's data.root)")
+    dog.add_argument("--size", type=int, default=96, help="output side in pixels (default: 96)")
+    dog.add_argument("--resize", choices=("crop", "squash"), default="crop",
+                     help="crop: shorter side to SIZE then centre crop, keeps the aspect ratio "
+                     "(default); squash: resize straight to SIZE x SIZE")
+    dog.add_argument("--force", action="store_true", help="delete and rebuild images already written")
+    dog.add_argument("--workers", type=int, default=None,
+                     help="decoding threads (default: min(8, CPU count)); 0 decodes in the main thread")
+    dog.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     data.set_defaults(func=run_data_command)
     return data
 
@@ -222,6 +244,15 @@ def run_data_command(args: argparse.Namespace) -> int:
             check_source(cfg, progress=progress)
         elif args.data_action == "download":
             path = download_dataset(args.dataset, args.dest, force=args.force, progress=progress)
+            print(f"ready: {path}")
+        elif args.data_action == "imagenet-dog":
+            from fastmice.data.imagenet_dog import build_imagenet_dog
+
+            if args.workers is not None and args.workers < 0:
+                raise DataError(f"--workers must be >= 0, got {args.workers}")
+            path = build_imagenet_dog(args.imagenet_dir, args.out_dir, size=args.size,
+                                      resize=args.resize, num_workers=args.workers,
+                                      progress=progress, force=args.force)
             print(f"ready: {path}")
         else:  # argparse's required=True makes this unreachable from the CLI
             raise DataError(f"unknown data action {args.data_action!r}")

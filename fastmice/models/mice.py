@@ -47,7 +47,8 @@ class ExpertEmbedder(nn.Module):
 
 class MiCE(nn.Module):
     shuffle_bn = True    # several processes: MoCo's shuffle-BN for the teacher (the trainer sets train.shuffle_bn)
-    rank_local_sums = ("mu_sum", "mu_count")   # several processes: each rank's own share, summed at epoch end
+    rank_local_sums = ("mu_sum", "mu_count", "posterior_hist")   # several processes: per-rank, summed at epoch end
+    posterior_bins = 10   # the paper's Fig. 3: the posterior values of an epoch in 10 bins over [0, 1]
 
     def __init__(self, backbone: ResNet, k: int, dim: int = 128, queue_size: int = 16384,
                  tau: float = 1.0, kappa: float = 1.0, ema_momentum: float = 0.999,
@@ -90,6 +91,7 @@ class MiCE(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("mu_sum", torch.zeros(k, dim))                        # (K, D)
         self.register_buffer("mu_count", torch.zeros(k))                           # (K,)
+        self.register_buffer("posterior_hist", torch.zeros(self.posterior_bins))   # (10,) this epoch's q_k values
 
     # ---- training -----------------------------------------------------------------------------------
     def student_embed(self, x_f: Tensor, x_g: Tensor) -> tuple[Tensor, Tensor]:
@@ -124,18 +126,30 @@ class MiCE(nn.Module):
         self.enqueue(out.v if out.v_all is None else out.v_all)
         if self.class_term:
             self.accumulate_mu(out.v, out.posterior)
+            self.posterior_hist += torch.histc(out.posterior.float(), self.posterior_bins, 0.0, 1.0)
 
     @torch.no_grad()
     def end_epoch(self) -> dict:
-        distributed.all_reduce_sum_(self.mu_sum)          # several processes: the sums over every rank's samples
-        distributed.all_reduce_sum_(self.mu_count)
+        for t in (self.mu_sum, self.mu_count, self.posterior_hist):  # several processes: sums over every rank
+            distributed.all_reduce_sum_(t)
         sizes = [int(c) for c in self.mu_count.tolist()]   # argmax-posterior cluster sizes of this epoch
+        hist = [int(c) for c in self.posterior_hist.tolist()]
+        self.posterior_hist.zero_()
         if self.class_term and self.mu_analytical:
             self.update_mu()
         else:
             self.mu_sum.zero_()
             self.mu_count.zero_()
-        return {"cluster_sizes": sizes} if self.class_term else {}
+        return {"cluster_sizes": sizes, "posterior_hist": hist} if self.class_term else {}
+
+    def mu_only_loss(self, x_f: Tensor, x_v: Tensor, x_g: Tensor) -> Tensor:
+        """The loss as a function of mu alone, the networks held fixed: Appendix E's alternative to Eq. 13
+        (extra end-of-epoch SGD on mu). Shuffle-BN and gathering are not needed: nothing is enqueued."""
+        with torch.no_grad():
+            v = self.teacher(x_v)
+            f, g = self.student_embed(x_f, x_g)
+        loss, _ = mice_elbo(f, v, g, self.mu, self.omega, self.queue, self.tau, self.kappa)
+        return loss
 
     @property
     def has_unused_parameters(self) -> bool:
