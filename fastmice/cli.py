@@ -16,6 +16,11 @@ cifar100_20 and stl10); without one, the embedded default trains MiCE on scikit-
 Any setting can be overridden as --section.key=value, e.g.
   fastmice train cifar10 --data.root=~/data/cifar10-jpeg --optim.epochs=200 --train.run_name=c10
 Sections: data, augment, model, optim, train, eval (see fastmice/config.py for every key).
+
+The papers' protocols (README, "Reproducing the papers"):
+  fastmice train cifar10 --seeds 0-4 --run-dir runs/t1      Table 1: 5 seeds, mean ± std beside the paper
+  fastmice train cifar10 --model.prior=uniform              a Table 3 ablation (A3); see the README's table
+  fastmice train mice_finetune_cifar10 --init-from RUN --augment-recipe randaugment     Table 4
 """
 
 
