@@ -53,3 +53,29 @@ def restore_host_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_backbone(model: torch.nn.Module, path: str | Path, scope: str = "backbone") -> None:
+    """Copy the backbone weights of another run's checkpoint (MiCE: into student and teacher). scope="model"
+    copies the whole model instead (heads, teacher, prototypes, queue): MiCE pre-training + MiCE (Table 4)."""
+    state = load_checkpoint(path)["model"]
+    if scope == "model":
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"init_from {path} with train.init_scope=model: the checkpoint's model does not match "
+                             f"this config's (same method, architecture, K, D and queue size needed): {e}") from e
+        return
+    prefixes = ("backbone.", "student.backbone.")
+    weights = {}
+    for key, value in state.items():
+        for p in prefixes:
+            if key.startswith(p):
+                weights[key[len(p):]] = value
+                break
+    if not weights:
+        raise ValueError(f"init_from: no backbone weights in {path}")
+    targets = [m.backbone for m in (model, getattr(model, "student", None), getattr(model, "teacher", None))
+               if m is not None and hasattr(m, "backbone")]
+    for backbone in targets:
+        backbone.load_state_dict(weights)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = "digits"
+PROFILE_WARMUP = 3    # steps run before profiling (the first one compiles under train.compile)
 
 TRAIN_HELP = """\
 Train a clustering model. CONFIG is a YAML file or the name of a bundled config
@@ -21,6 +22,9 @@ The papers' protocols (README, "Reproducing the papers"):
   fastmice train cifar10 --seeds 0-4 --run-dir runs/t1      Table 1: 5 seeds, mean ± std beside the paper
   fastmice train cifar10 --model.prior=uniform              a Table 3 ablation (A3); see the README's table
   fastmice train mice_finetune_cifar10 --init-from RUN --augment-recipe randaugment     Table 4
+
+Speed: --train.compile=reduce-overhead (torch.compile of the whole forward), --model.single_pass=true,
+--optim.impl=fused; `fastmice train cifar10 ... --profile` writes a torch.profiler trace of 10 steps.
 """
 
 
@@ -43,6 +47,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from fastmice.augment import recipe_overrides
         overrides = recipe_overrides(args.augment_recipe) + overrides   # explicit --augment.* still win
     if args.seeds:
+        if args.profile is not None:
+            raise ValueError("--profile profiles one run; drop --seeds")
         return _train_seeds(args, overrides)
     if args.resume:
         if args.config:
@@ -59,6 +65,16 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"data: {ds.name}, {len(ds)} images of {trainer.image_size}px"
           + (f", {len(ds.skipped)} unreadable skipped" if ds.skipped else "")
           + f"; device {trainer.device}; {trainer.batches.steps_per_epoch} steps per epoch")
+    if args.profile is not None:
+        if args.profile < 1:
+            raise ValueError(f"--profile N needs N >= 1 steps, got {args.profile}")
+        folder = trainer.profile(steps=args.profile, warmup=PROFILE_WARMUP)
+        print(f"profiled {args.profile} steps after {PROFILE_WARMUP} warm-up steps"
+              + (f" (the first compiled in {trainer.compile_info['seconds']:.1f} s)"
+                 if trainer.compile_info and trainer.compile_info.get("seconds") else "")
+              + f": {folder / 'trace.json'} (open in https://ui.perfetto.dev or chrome://tracing), "
+              f"{folder / 'top_ops.txt'}; no checkpoint written")
+        return 0
     summary = trainer.fit()
     print(f"training {summary['status']}: epoch {summary['epoch']}, step {summary['global_step']}, "
           f"loss {summary['loss']:.4f}")
@@ -134,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment-recipe", metavar="NAME", choices=("moco", "simclr", "randaugment"),
                    help="the augmentation recipe: moco (MoCo v1, MiCE's), simclr, or randaugment (crop, flip, "
                    "RandAugment N=2 M=9); the Table 4 switch. --augment.* overrides still apply on top")
+    p.add_argument("--profile", nargs="?", type=int, const=10, default=None, metavar="N",
+                   help=f"profile instead of training: {PROFILE_WARMUP} warm-up steps, then N steps (default 10) under "
+                   "torch.profiler; writes RUN/profile/trace.json and RUN/profile/top_ops.txt and stops (no "
+                   "checkpoint, no evaluation). Put CONFIG before it: `fastmice train cifar10 --profile 5`")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint: ACC/NMI/ARI, assignments, pictures",

@@ -22,6 +22,9 @@ from fastmice.data.sources import DataSourceConfig
 from fastmice.models.mixem import MixEMWeights
 
 METHODS = ("mice", "moco", "mixem", "simclr")
+# train.compile: torch.compile modes of the whole training forward (networks and loss; see fastmice.compile)
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPTIM_IMPLS = ("auto", "fused", "foreach", "loop")
 
 
 class ConfigError(ValueError):
@@ -109,8 +112,15 @@ class OptimConfig:
     lr_steps: list[int] = field(default_factory=lambda: [480, 640, 800])   # epochs where lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0       # linear warm-up from 0 (the official code: 10 epochs)
+    # How the optimizer updates the parameters; the same arithmetic, different speed. auto: fused (one kernel
+    # for all parameters) on CUDA, foreach (one op per step over all tensors) elsewhere, which on the CPU
+    # gives bit for bit the results of the per-parameter loop (exact resume is tested that way).
+    # fused | foreach | loop force one (loop: torch's per-parameter for-loop, what the naive reference uses).
+    impl: str = "auto"
 
     def validate(self) -> None:
+        if self.impl not in OPTIM_IMPLS:
+            raise ConfigError(f"optim.impl must be one of {', '.join(OPTIM_IMPLS)}, got {self.impl!r}")
         if self.name not in ("sgd", "adam"):
             raise ConfigError(f"optim.name must be 'sgd' or 'adam', got {self.name!r}")
         if self.schedule not in ("step", "cosine"):
@@ -144,8 +154,18 @@ class TrainConfig:
                                      # per BN layer per pass, hence off by default, as in MoCo's multi-GPU code)
     shuffle_bn: bool = True          # MiCE/MoCo: MoCo's shuffle-BN for the teacher, so a key never shares BN
                                      # statistics with its query (costs two small all_gathers); unused with sync_bn
+    # torch.compile of the whole training forward (student, teacher and loss as one graph; the backward comes
+    # with it), built on the first step, whose wall time is recorded in metrics.jsonl as {"type": "compile"}.
+    # off | default | reduce-overhead (CUDA graphs, the step's launches replayed at once) | max-autotune |
+    # max-autotune-no-cudagraphs. Off until this trainer's step is measured: compiling costs about a minute up
+    # front, and earlier H100 figures for a similar step favour reduce-overhead but are not this code's; the
+    # GPU session that runs bench/bench_train.py with each mode picks the default. Under torchrun the step
+    # runs eagerly (the teacher's gathers and shuffle-BN would split the graph).
+    compile: str = "off"
 
     def validate(self) -> None:
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"train.amp must be auto, bf16 or off, got {self.amp!r}")
         if self.channels_last not in ("auto", "on", "off"):
@@ -266,7 +286,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):   # YAML 1.1 reads on/off/yes/no as booleans: `--train.amp=off`, `compile: off`
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value

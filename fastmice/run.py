@@ -35,7 +35,7 @@ class LoadedRun:
 def load_run(run_dir: str | Path, device: str = "auto", overrides: dict[str, Any] | None = None) -> LoadedRun:
     """Rebuild the model of RUN/checkpoint.pt in eval mode; `overrides` edits the saved config (e.g. data.root)."""
     from fastmice.models import build_model
-    from fastmice.train import precision_for, resolve_device
+    from fastmice.runtime import precision_for, resolve_device
 
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir)

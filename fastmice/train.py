@@ -2,17 +2,17 @@
 bookkeeping (MiCE: EMA, queue, mu), checkpoints.
 
 The hot path never waits on the host: the loss is summed on the device and read only every
-`train.log_every` steps (one sync), where the NaN/inf check also happens.
+`train.log_every` steps (one sync), where the NaN/inf check also happens. The fast step's switches: bf16
+autocast and channels_last (train.amp, train.channels_last: on by default on CUDA), a fused (CUDA) or foreach
+optimizer (optim.impl), foreach EMA, torch.compile of the whole forward (train.compile), and x_f and x_g in one
+student pass (model.single_pass). fastmice.naive is the slow reference they are measured and tested against.
 """
 from __future__ import annotations
 
 import json
-import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,90 +22,19 @@ import yaml
 
 from fastmice import distributed
 from fastmice.augment import augment_batch
-from fastmice.checkpoint import CHECKPOINT_NAME, atomic_save, host_rng_state, load_checkpoint, restore_host_rng_state
+from fastmice.checkpoint import (CHECKPOINT_NAME, atomic_save, host_rng_state, load_backbone, load_checkpoint,
+                                 restore_host_rng_state)
+from fastmice.compile import compile_forward, graph_breaks, mark_step_begin, uses_cudagraphs
 from fastmice.config import Config, config_from_dict
 from fastmice.data.sources import ImageDataset, load_dataset
 from fastmice.loader import DeviceBatches
 from fastmice.models import build_model
-
-
-def load_backbone(model: torch.nn.Module, path: str | Path, scope: str = "backbone") -> None:
-    """Copy the backbone weights of another run's checkpoint (MiCE: into student and teacher). scope="model"
-    copies the whole model instead (heads, teacher, prototypes, queue): MiCE pre-training + MiCE (Table 4)."""
-    state = load_checkpoint(path)["model"]
-    if scope == "model":
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"init_from {path} with train.init_scope=model: the checkpoint's model does not match "
-                             f"this config's (same method, architecture, K, D and queue size needed): {e}") from e
-        return
-    prefixes = ("backbone.", "student.backbone.")
-    weights = {}
-    for key, value in state.items():
-        for p in prefixes:
-            if key.startswith(p):
-                weights[key[len(p):]] = value
-                break
-    if not weights:
-        raise ValueError(f"init_from: no backbone weights in {path}")
-    targets = [m.backbone for m in (model, getattr(model, "student", None), getattr(model, "teacher", None))
-               if m is not None and hasattr(m, "backbone")]
-    for backbone in targets:
-        backbone.load_state_dict(weights)
+from fastmice.optim import build_optimizer, learning_rate
+from fastmice.runtime import precision_for, resolve_device
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; use auto or cpu")
-    return dev
-
-
-@dataclass
-class Precision:
-    autocast: Any              # a context manager factory
-    view_dtype: torch.dtype
-    channels_last: bool
-
-
-def precision_for(cfg: Config, device: torch.device) -> Precision:
-    bf16 = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-    cl = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
-    if bf16:
-        return Precision(lambda: torch.autocast(device.type, dtype=torch.bfloat16), torch.bfloat16, cl)
-    return Precision(nullcontext, torch.float32, cl)
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    net = [p for n, p in model.named_parameters() if p.requires_grad and n != "mu"]
-    groups = [{"params": net, "weight_decay": o.weight_decay}]
-    if isinstance(getattr(model, "mu", None), torch.nn.Parameter):
-        groups.append({"params": [model.mu], "weight_decay": o.weight_decay if o.mu_weight_decay else 0.0})
-    if o.name == "adam":
-        return torch.optim.Adam(groups, lr=o.lr)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
-
-
-def learning_rate(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Step decay at optim.lr_steps (Appendix D) or cosine decay, after an optional linear warm-up."""
-    o = cfg.optim
-    progress = epoch + step / steps_per_epoch
-    if o.schedule == "cosine":
-        span = max(o.epochs - o.warmup_epochs, 1e-9)
-        lr = o.lr * 0.5 * (1 + math.cos(math.pi * min(max(progress - o.warmup_epochs, 0.0) / span, 1.0)))
-    else:
-        lr = o.lr * o.lr_gamma ** sum(epoch >= s for s in o.lr_steps)
-    if progress < o.warmup_epochs:
-        lr = o.lr * (progress + 1.0 / steps_per_epoch) / o.warmup_epochs
-    return lr
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -151,6 +80,8 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self._stop_requested = False
+        self._compiled = None              # train.compile: the compiled forward, built on the first step
+        self.compile_info: dict[str, Any] | None = None   # its record (mode, seconds of the first step, ...)
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -164,7 +95,10 @@ class Trainer:
         if not distributed.is_main():   # the checkpoint holds the totals: rank 0 keeps them, the others restart at 0
             for t in self._rank_local_sums():
                 t.zero_()
+        flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, f in zip(self.optimizer.param_groups, flags):   # this machine's optim.impl, not the saved one
+            group.update(f)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.batches.load_state_dict(state["batches"])
         restore_host_rng_state(state["rng"])
@@ -230,16 +164,130 @@ class Trainer:
         Several processes: x is the global batch, augmented alike on every rank (one random stream, as in one
         process); each rank trains on its share of the views and the loss returned is this rank's."""
         views = [distributed.shard(v) for v in self.views(x)]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        return self.step_on_views(views, lr)
+
+    def step_on_views(self, views: list[torch.Tensor], lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step on ready views (in precision.view_dtype and layout): forward, backward, update.
+        Under a CUDA-graph compile mode the tensors returned live in graph memory that the next step
+        overwrites: use (or clone) them before the next step, as the loop does."""
+        out = self.forward_backward(views)
+        self.apply_update(out, lr)
+        return out.loss.detach(), out.posterior
+
+    def forward_backward(self, views: list[torch.Tensor]) -> Any:
+        """The training forward (compiled under train.compile) and its backward; the gradients are left in the
+        parameters' .grad and the method's output (loss, posterior, ...) is returned."""
         self.model.train()
-        with self.precision.autocast():
-            out = self.net(*views)
+        mode = self.cfg.train.compile
+        first = mode != "off" and self._compiled is None
+        if first:
+            t0 = self._sync_time()
+        forward = self._forward()
+        if mode != "off" and uses_cudagraphs(mode, self.device) and not distributed.active():
+            mark_step_begin()
+        out = forward(*views)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if first:
+            self._record_compile(mode, self._sync_time() - t0)
+        return out
+
+    def apply_update(self, out: Any, lr: float) -> None:
+        """Optimizer step at learning rate lr, then the method's bookkeeping (MiCE/MoCo: EMA, enqueue, mu sums)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
-        self.model.after_step(out)                     # MiCE/MoCo: EMA, enqueue, mu sums
-        return out.loss.detach(), out.posterior
+        self.model.after_step(out)
+
+    def _train_forward(self, *views: torch.Tensor) -> Any:
+        with self.precision.autocast():
+            return self.net(*views)
+
+    def _forward(self):
+        """The function that runs the training forward: the eager one, or its compiled form (built once)."""
+        mode = self.cfg.train.compile
+        if mode == "off":
+            return self._train_forward
+        if self._compiled is None:
+            if distributed.active():
+                self._compiled = self._train_forward
+            else:
+                self._compiled = compile_forward(self._train_forward, mode)
+        return self._compiled
+
+    def _record_compile(self, mode: str, seconds: float) -> None:
+        if distributed.active():
+            info = {"type": "compile", "mode": mode, "seconds": None,
+                    "skipped": "train.compile is not applied under torchrun: the teacher's all_gathers and "
+                               "shuffle-BN split the graph and DDP needs its own bucketing; the step runs eagerly"}
+            if distributed.is_main():
+                print(f"note: {info['skipped']}")
+        else:
+            info = {"type": "compile", "mode": mode, "seconds": seconds, "graph_breaks": graph_breaks(),
+                    "note": "wall time of the first step: compiling the forward and backward, plus one step"}
+        self.compile_info = {**info, "step": self.global_step + 1}
+        if self.run_dir.is_dir():
+            self._write_metrics(self.compile_info)
+
+    def _sync_time(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def run_steps(self, n: int, within_epoch: bool = False) -> int:
+        """Up to n training steps at the schedule's learning rate, without logging, loss checks, end-of-epoch
+        work or checkpoints: warm-up, profiling and speed probes. A finished epoch's permutation is replaced by a
+        new one without the end-of-epoch work, unless within_epoch, which stops at the end of the epoch instead.
+        Returns the number of steps run; the device is not synchronised."""
+        done = 0
+        spe = self.batches.steps_per_epoch
+        while done < n:
+            if self.batches.epoch_done:
+                if within_epoch and self.batches.perm is not None:
+                    break
+                self.batches.start_epoch()
+            _, x = self.batches.next_batch()
+            self.train_step(x, learning_rate(self.cfg, self.epoch, self.batches.pos, spe))
+            self.batches.advance()
+            self.global_step += 1
+            done += 1
+        return done
+
+    def profile(self, steps: int = 10, warmup: int = 3) -> Path:
+        """`fastmice train --profile`: `warmup` steps (compiling, if train.compile is on), then `steps` steps
+        under torch.profiler (CPU, and CUDA where available). Writes RUN/profile/trace.json (a Chrome trace:
+        chrome://tracing or https://ui.perfetto.dev) and RUN/profile/top_ops.txt (the operators by self time);
+        returns the folder. Training state is not checkpointed: a profile is for looking, not for keeping."""
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        if steps < 1 or warmup < 0:
+            raise ValueError(f"profile needs steps >= 1 and warmup >= 0, got {steps}, {warmup}")
+        out = self.run_dir / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        self.run_steps(warmup)
+        self._sync_time()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(steps):
+                with record_function("fastmice_step"):
+                    self.run_steps(1)
+            self._sync_time()
+        prof.export_chrome_trace(str(out / "trace.json"))
+        averages = prof.key_averages()
+        tables = [("self CPU time", "self_cpu_time_total")]
+        if self.device.type == "cuda":
+            tables.insert(0, ("self CUDA time", "self_device_time_total"))
+        text = [f"fastmice profile: {steps} steps after {warmup} warm-up steps; device {self.device}; "
+                f"batch {self.cfg.optim.batch_size}; train.compile={self.cfg.train.compile}; "
+                f"amp {self.precision.view_dtype}; channels_last {self.precision.channels_last}\n"]
+        for title, key in tables:
+            try:
+                table = averages.table(sort_by=key, row_limit=40)
+            except (KeyError, AttributeError, ValueError):   # the device key's older name
+                table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
+            text.append(f"== operators by {title} ==\n{table}\n")
+        (out / "top_ops.txt").write_text("\n".join(text))
+        return out
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _request_stop(self, signum, frame) -> None:  # first signal: finish the step, checkpoint, exit

@@ -1,5 +1,4 @@
 """The paper's ablations (Table 3) as switches, and its special cases (Appendix C, Theorems 3 and 4)."""
-import pytest
 import torch
 import torch.nn.functional as F
 

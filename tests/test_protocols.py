@@ -11,7 +11,7 @@ import yaml
 from conftest import tiny_overrides
 from fastmice.cli import main
 from fastmice.config import ConfigError, load_config
-from fastmice.seeds import PAPER, find_runs, format_summary, parse_seeds, summarize
+from fastmice.seeds import PAPER, find_runs, parse_seeds, summarize
 from fastmice.train import Trainer
 
 

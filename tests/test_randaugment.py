@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from fastmice import randaugment as R
 from fastmice.augment import MOCO_V1, RECIPES, SIMCLR, AugmentConfig, augment_batch, recipe_overrides
 from fastmice.config import load_config
 from fastmice.randaugment import OPS, apply_ops, rand_augment, sample_ops
