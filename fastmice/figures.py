@@ -20,6 +20,8 @@ METRIC_NAMES = {"acc": "ACC", "nmi": "NMI", "ari": "ARI"}
 
 def plot_metric_curves(evals: list[dict[str, Any]], path: Path) -> Path | None:
     """ACC, NMI and ARI (%) per evaluated epoch, one panel each, a line per readout."""
+    from matplotlib.ticker import MaxNLocator
+
     if not evals:
         return None
     readouts = [n for n, v in evals[-1].items() if isinstance(v, dict) and "acc" in v]
@@ -35,6 +37,7 @@ def plot_metric_curves(evals: list[dict[str, Any]], path: Path) -> Path | None:
             ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, label=readout.replace("_", " "))
         ax.set_title(f"{name} % per epoch")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         if i == 0:
             ax.legend(fontsize=8)

@@ -61,24 +61,22 @@ def _epoch_axis(ax) -> None:
 
 
 def plot_training(epochs: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path) -> Path:
-    """Loss and learning rate per epoch, side by side; and ACC per readout when training probed it."""
+    """Loss and learning rate per epoch, side by side; and the linear probe's accuracy when training probed it
+    (ACC/NMI/ARI per readout are fastmice.figures.plot_metric_curves)."""
     x = [r["epoch"] for r in epochs]
-    panels = 3 if evals else 2
+    probes = [r for r in evals if isinstance(r.get("linear_probe"), dict)]
+    panels = 3 if probes else 2
     fig = _figure(5 * panels, 3.2)
     marker = "o" if len(x) <= 30 else None
     for i, key in enumerate(("loss", "lr")):
         ax = fig.add_subplot(1, panels, i + 1)
         ax.plot(x, [r.get(key, np.nan) for r in epochs], marker=marker, markersize=3)
         ax.set_title("loss" if key == "loss" else "learning rate")
-    if evals:
+    if probes:
         ax = fig.add_subplot(1, panels, 3)
-        names = [n for n, v in evals[-1].items() if isinstance(v, dict) and ("acc" in v or "accuracy" in v)]
-        for n in names:
-            acc = [100 * r[n].get("acc", r[n].get("accuracy", np.nan)) if n in r else np.nan for r in evals]
-            ax.plot([r["epoch"] for r in evals], acc, marker="o" if len(evals) <= 30 else None, markersize=3,
-                    label=n.replace("_", " "))
-        ax.set_title("ACC % during training (eval.probe_every)")
-        ax.legend(fontsize=8)
+        ax.plot([r["epoch"] for r in probes], [100 * r["linear_probe"]["accuracy"] for r in probes],
+                marker="o" if len(probes) <= 30 else None, markersize=3)
+        ax.set_title("linear probe accuracy % (eval.probe_every)")
     for ax in fig.axes:
         _epoch_axis(ax)
         ax.grid(alpha=0.3)
