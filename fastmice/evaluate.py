@@ -171,7 +171,8 @@ def format_results(result: dict[str, Any]) -> str:
         rows.append(f"no labels: cluster sizes ({primary}) {readouts[primary]['cluster_sizes']}")
     if "linear_probe" in result:
         rows.append(f"linear probe accuracy {100 * result['linear_probe']['accuracy']:.2f}")
-    rows.append(f"mean confidence {result['confidence']['mean']:.3f}")
+    if result.get("method") not in ("moco", "simclr"):   # k-means assignments are hard: no confidence to report
+        rows.append(f"mean confidence {result['confidence']['mean']:.3f}")
     return "\n".join(rows)
 
 
