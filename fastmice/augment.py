@@ -13,6 +13,7 @@ crop + flip + RandAugment); recipe_overrides turns one into `--augment.key=value
 from __future__ import annotations
 
 import functools
+import json
 import math
 import numbers
 from collections.abc import Sequence
@@ -118,24 +119,12 @@ MOCO_V1 = AugmentConfig(**RECIPES["moco"])
 SIMCLR = AugmentConfig(**RECIPES["simclr"])
 
 
-def _override_value(value) -> str:
-    """A recipe value as YAML text that fastmice.config.parse_overrides reads back to the same value."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(_override_value(v) for v in value) + "]"
-    if isinstance(value, float):
-        text = repr(value)
-        # PyYAML reads 1e-05 as a string: exponents need a mantissa with a dot (1.0e-05).
-        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
-    return str(value)
-
-
 def recipe_overrides(name: str) -> list[str]:
     """The recipe `name` as override strings, e.g. ["--augment.crop_scale=[0.2, 1.0]", ...], one per field."""
     if name not in RECIPES:
         raise ValueError(f"unknown augmentation recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
-    return [f"--augment.{key}={_override_value(value)}" for key, value in RECIPES[name].items()]
+    # JSON is YAML: parse_overrides reads each value back (tuples as lists, which the config turns back)
+    return [f"--augment.{key}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for key, v in RECIPES[name].items()]
 
 
 # ----------------------------------------------------------------------------------------- randomness

@@ -43,6 +43,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmice.evaluate import evaluate_model, format_results
     from fastmice.train import Trainer
 
+    if args.init_from and not args.resume:
+        overrides = overrides + [f"--train.init_from={args.init_from}"]
     if args.augment_recipe:
         from fastmice.augment import recipe_overrides
         overrides = recipe_overrides(args.augment_recipe) + overrides   # explicit --augment.* still win
@@ -56,8 +58,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         trainer = Trainer.resume(args.resume, parse_overrides(overrides))
         print(f"resuming {trainer.run_dir} at epoch {trainer.epoch}, step {trainer.global_step}")
     else:
-        if args.init_from:
-            overrides = overrides + [f"--train.init_from={args.init_from}"]
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
         trainer = Trainer(cfg, args.run_dir)
         print(f"run folder: {trainer.run_dir}")
@@ -97,8 +97,6 @@ def _train_seeds(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError("--seeds and --resume: to continue a group of seeds, run the same --seeds command "
                          "with --run-dir GROUP (finished seeds are skipped, interrupted ones resume)")
     seeds = parse_seeds(args.seeds)
-    if args.init_from:
-        overrides = overrides + [f"--train.init_from={args.init_from}"]
     cfg = load_config(args.config or DEFAULT_CONFIG, overrides)   # fail here, not once per seed
     group = Path(args.run_dir) if args.run_dir else default_group_dir(args.config, cfg.train.out_dir)
     print(f"{len(seeds)} seeds into {group}")

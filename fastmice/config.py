@@ -192,6 +192,10 @@ class EvalConfig:
     embed_every: int = 0
     embed_samples: int = 2000
 
+    def validate(self) -> None:
+        if self.embed_every < 0 or self.embed_samples < 1 or self.probe_every < 0:
+            raise ConfigError("eval.embed_every and eval.probe_every must be >= 0 and eval.embed_samples >= 1")
+
 
 @dataclass
 class Config:
@@ -210,9 +214,7 @@ class Config:
             raise ConfigError(f"method={self.method!r}: available methods are {list(METHODS)}")
         if self.mixem.confidence_kind not in ("entropy", "max"):
             raise ConfigError(f"mixem.confidence_kind must be 'entropy' or 'max', got {self.mixem.confidence_kind!r}")
-        if self.eval.embed_every < 0 or self.eval.embed_samples < 1 or self.eval.probe_every < 0:
-            raise ConfigError("eval.embed_every and eval.probe_every must be >= 0 and eval.embed_samples >= 1")
-        for section in (self.data, self.augment, self.model, self.optim, self.train):
+        for section in (self.data, self.augment, self.model, self.optim, self.train, self.eval):
             try:
                 section.validate()
             except ConfigError:

@@ -78,9 +78,14 @@ def predictions(out: dict[str, torch.Tensor], k: int, cfg: Config) -> dict[str, 
     return {"kmeans": _kmeans(emb, k, cfg, nredo=cfg.eval.kmeans_restarts)}
 
 
+def has_probabilities(out: dict[str, torch.Tensor]) -> bool:
+    """Whether the method gives cluster probabilities of its own (MiCE, MIX'EM; not MoCo's single expert)."""
+    return "probs" in out and out["probs"].shape[1] > 1
+
+
 def confidences(out: dict[str, torch.Tensor]) -> np.ndarray:
     """Max cluster probability where the method has one; else 1 (k-means assignments are hard)."""
-    if "probs" in out and out["probs"].shape[1] > 1:
+    if has_probabilities(out):
         return out["probs"].max(1).values.cpu().numpy()
     return np.ones(out["embedding"].shape[0], dtype=np.float32)
 
@@ -106,7 +111,8 @@ def evaluate_model(model: torch.nn.Module, dataset: ImageDataset, cfg: Config, d
         if dataset.labels is not None:
             entry.update({m: float(v) for m, v in cluster_metrics(dataset.labels.numpy(), pred).items()})
         result["readouts"][name] = entry
-    result["confidence"] = {"mean": float(confidence.mean()), "median": float(np.median(confidence))}
+    if has_probabilities(out):   # k-means assignments are hard: no confidence to report
+        result["confidence"] = {"mean": float(confidence.mean()), "median": float(np.median(confidence))}
     if dataset.labels is not None and cfg.eval.linear_probe:
         result["linear_probe"] = linear_probe(out["features"], dataset.labels, seed=cfg.train.seed)
     if dataset.labels is not None and cfg.eval.pixel_baseline:
@@ -171,7 +177,7 @@ def format_results(result: dict[str, Any]) -> str:
         rows.append(f"no labels: cluster sizes ({primary}) {readouts[primary]['cluster_sizes']}")
     if "linear_probe" in result:
         rows.append(f"linear probe accuracy {100 * result['linear_probe']['accuracy']:.2f}")
-    if result.get("method") not in ("moco", "simclr"):   # k-means assignments are hard: no confidence to report
+    if "confidence" in result:
         rows.append(f"mean confidence {result['confidence']['mean']:.3f}")
     return "\n".join(rows)
 

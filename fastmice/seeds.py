@@ -9,7 +9,7 @@ checkpoints. `fastmice summary RUN_GROUP` (or a list of run folders) rebuilds th
 from __future__ import annotations
 
 import json
-import math
+import statistics
 import subprocess
 import sys
 import time
@@ -107,18 +107,12 @@ def run_seeds(config: str | None, overrides: list[str], seeds: list[int], group_
             proc.wait()
         print(f"interrupted: run the same command again to continue ({group_dir})")
         raise
-    summary = summarize([group_dir / f"seed{s}" for s in seeds], group_dir)
-    if failed:
-        summary["failed_seeds"] = failed
-        (group_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return summarize([group_dir / f"seed{s}" for s in seeds], group_dir,
+                     extra={"failed_seeds": failed} if failed else None)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0   # sample std
-    return mean, std
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)   # sample std
 
 
 def _train_seconds(run_dir: Path) -> float:
@@ -138,7 +132,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return runs
 
 
-def summarize(run_dirs: list[Path], out_dir: Path | None = None) -> dict[str, Any]:
+def summarize(run_dirs: list[Path], out_dir: Path | None = None, extra: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
     """Mean and sample std over the runs of every readout's ACC/NMI/ARI (in %), the paper's figures beside
     them, and the training time; written to out_dir/summary.json and summary.md when out_dir is given."""
     runs = [d for d in run_dirs if (d / "eval.json").is_file()]
@@ -163,7 +158,7 @@ def summarize(run_dirs: list[Path], out_dir: Path | None = None) -> dict[str, An
                "train_seconds": {"per_run": seconds, "mean": sum(seconds) / len(seconds), "total": sum(seconds)},
                "epochs": [c.get("optim", {}).get("epochs") for c in configs],
                "paper": PAPER.get(name), "paper_time": PAPER_TIME,
-               "written": datetime.now().isoformat(timespec="seconds")}
+               "written": datetime.now().isoformat(timespec="seconds"), **(extra or {})}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

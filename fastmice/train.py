@@ -234,22 +234,27 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def _next_step(self) -> torch.Tensor:
+        """The step on the epoch's next batch at the schedule's learning rate; returns the loss (on the device)."""
+        _, x = self.batches.next_batch()
+        lr = learning_rate(self.cfg, self.epoch, self.batches.pos, self.batches.steps_per_epoch)
+        loss, _ = self.train_step(x, lr)
+        self.batches.advance()
+        self.global_step += 1
+        return loss
+
     def run_steps(self, n: int, within_epoch: bool = False) -> int:
         """Up to n training steps at the schedule's learning rate, without logging, loss checks, end-of-epoch
         work or checkpoints: warm-up, profiling and speed probes. A finished epoch's permutation is replaced by a
         new one without the end-of-epoch work, unless within_epoch, which stops at the end of the epoch instead.
         Returns the number of steps run; the device is not synchronised."""
         done = 0
-        spe = self.batches.steps_per_epoch
         while done < n:
             if self.batches.epoch_done:
                 if within_epoch and self.batches.perm is not None:
                     break
                 self.batches.start_epoch()
-            _, x = self.batches.next_batch()
-            self.train_step(x, learning_rate(self.cfg, self.epoch, self.batches.pos, spe))
-            self.batches.advance()
-            self.global_step += 1
+            self._next_step()
             done += 1
         return done
 
@@ -328,10 +333,7 @@ class Trainer:
                 bar = tqdm(total=spe, initial=self.batches.pos, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
                            disable=not (cfg.train.progress and distributed.is_main()), leave=False, dynamic_ncols=True)
                 while not self.batches.epoch_done:
-                    _, x = self.batches.next_batch()
-                    loss, _ = self.train_step(x, learning_rate(cfg, self.epoch, self.batches.pos, spe))
-                    self.batches.advance()
-                    self.global_step += 1
+                    loss = self._next_step()
                     steps_here += 1
                     loss_sum += loss
                     bad |= ~torch.isfinite(loss)

@@ -130,8 +130,8 @@ class MiCE(nn.Module):
 
     @torch.no_grad()
     def end_epoch(self) -> dict:
-        for t in (self.mu_sum, self.mu_count, self.posterior_hist):  # several processes: sums over every rank
-            distributed.all_reduce_sum_(t)
+        for name in self.rank_local_sums:        # several processes: the sums over every rank's samples
+            distributed.all_reduce_sum_(getattr(self, name))
         sizes = [int(c) for c in self.mu_count.tolist()]   # argmax-posterior cluster sizes of this epoch
         hist = [int(c) for c in self.posterior_hist.tolist()]
         self.posterior_hist.zero_()
