@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,28 @@ from fastmice.metrics import cluster_metrics, cluster_sizes, confusion_matrix
 READOUTS = ("posterior", "gating", "kmeans")
 
 
+def _batches(images: Any, bs: int) -> Iterator[torch.Tensor]:
+    """images[i:i+bs] in order. Files decoded on demand (FileImages): the next batch decodes in a thread while
+    the model runs on this one."""
+    starts = range(0, images.shape[0], bs)
+    if isinstance(images, torch.Tensor):
+        yield from (images[s:s + bs] for s in starts)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(images.__getitem__, slice(0, bs))
+        for s in starts:
+            x = ahead.result()
+            if s + bs < images.shape[0]:
+                ahead = pool.submit(images.__getitem__, slice(s + bs, s + 2 * bs))
+            yield x
+
+
 @torch.no_grad()
 def infer_dataset(model: torch.nn.Module, images: torch.Tensor, cfg: Config, device: torch.device,
                   crop_size: int, autocast=None, channels_last: bool = False,
                   progress: bool = False) -> dict[str, torch.Tensor]:
-    """Run model.infer over uint8 images (N, 3, H, W) in batches; outputs stay on `device`."""
+    """Run model.infer over uint8 images (N, 3, H, W) (a tensor, or FileImages) in batches; outputs stay on
+    `device`."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -36,8 +55,9 @@ def infer_dataset(model: torch.nn.Module, images: torch.Tensor, cfg: Config, dev
     std = torch.tensor(cfg.data.std, device=device)
     outs: dict[str, list[torch.Tensor]] = {}
     bs = cfg.eval.batch_size
-    for start in tqdm(range(0, images.shape[0], bs), desc="evaluating", disable=not progress, leave=False):
-        x = images[start:start + bs].to(device, non_blocking=True)
+    for x in tqdm(_batches(images, bs), total=-(-images.shape[0] // bs), desc="evaluating",
+                  disable=not progress, leave=False):
+        x = x.to(device, non_blocking=True)
         x = normalize_batch(x, mean, std, out_size=crop_size, channels_last=channels_last)
         with (autocast() if autocast else torch.autocast(device.type, enabled=False)):
             out = model.infer(x)
@@ -115,7 +135,8 @@ def evaluate_model(model: torch.nn.Module, dataset: ImageDataset, cfg: Config, d
         result["confidence"] = {"mean": float(confidence.mean()), "median": float(np.median(confidence))}
     if dataset.labels is not None and cfg.eval.linear_probe:
         result["linear_probe"] = linear_probe(out["features"], dataset.labels, seed=cfg.train.seed)
-    if dataset.labels is not None and cfg.eval.pixel_baseline:
+    # A folder streamed from disk (FileImages) is not decoded whole for a baseline: it can be any size.
+    if dataset.labels is not None and cfg.eval.pixel_baseline and isinstance(dataset.images, torch.Tensor):
         base = kmeans_raw_pixels(dataset.images, dataset.num_classes or k, seed=cfg.train.seed)
         result["pixel_kmeans"] = {m: float(v) for m, v in cluster_metrics(dataset.labels.numpy(), base).items()}
 

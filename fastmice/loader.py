@@ -1,12 +1,18 @@
-"""Shuffled batches of a uint8 dataset that lives on the training device (the cifar10-airbench way).
+"""The trainer's two sources of batches.
 
-One permutation per epoch from a dedicated generator; batch i is a gather of rows perm[i*B:(i+1)*B]. The
-position advances only when the trainer says a step finished, so a checkpoint taken between steps resumes
-the epoch exactly where it stopped.
+DeviceBatches: shuffled batches of a uint8 dataset that lives on the training device (the cifar10-airbench
+way). One permutation per epoch from a dedicated generator; batch i is a gather of rows perm[i*B:(i+1)*B];
+the trainer augments them with batched torch ops.
+
+DaliBatches: the augmented views straight from NVIDIA DALI (data.loader: dali), this process's share of
+the global batch.
+
+In both the position advances only when the trainer says a step finished, so a checkpoint taken between
+steps resumes the epoch where it stopped.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -33,6 +39,10 @@ class DeviceBatches:
     def epoch_done(self) -> bool:
         return self.perm is None or self.pos >= self.steps_per_epoch
 
+    @property
+    def started(self) -> bool:
+        return self.perm is not None
+
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """(indices (B,), images (B, 3, H, W) uint8) of the current position; call advance() after the step."""
         assert self.perm is not None, "start_epoch() first"
@@ -47,6 +57,89 @@ class DeviceBatches:
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.perm = None if state["perm"] is None else state["perm"].to(self.images.device)
+        if state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+        if "perm" not in state:   # saved by DaliBatches (data.loader changed): the epoch goes on in a new order
+            self.perm = None
+            if state["started"]:
+                self.start_epoch()
+        else:
+            self.perm = None if state["perm"] is None else state["perm"].to(self.images.device)
         self.pos = state["pos"]
-        self.generator.set_state(state["generator"])
+
+
+class DaliBatches:
+    """Views from DALI in epochs of ``num_images // batch_size`` global steps, whatever the number of processes.
+
+    Each epoch is a permutation of the rows, a function of (seed, epoch) alone, cut to whole global batches.
+    At the first batch of an epoch (or of the rest of one, after a resume) ``make_loader(rows, seed)`` builds a
+    DALI loader over those rows, in that order, sharded over the processes (each reads a contiguous 1/world of
+    them, batch_size // world per step). The state is (epoch, position): a checkpoint resumes on any number of
+    processes, and the rest of the epoch, exactly the rows not yet seen, is read in a fresh pipeline.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, make_loader: Callable[[Tensor, int], Any],
+                 generator: torch.Generator | None = None):
+        if batch_size > num_images:
+            raise ValueError(f"batch size {batch_size} is larger than the dataset ({num_images} images); "
+                             f"lower optim.batch_size")
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.seed = seed
+        self.make_loader = make_loader
+        self.generator = generator   # the trainer's views() stream; DALI draws its own
+        self.steps_per_epoch = num_images // batch_size
+        self.epoch = -1               # epochs started (the permutation's index)
+        self.pos = 0
+        self._loader = self._it = None
+
+    @property
+    def started(self) -> bool:
+        return self.epoch >= 0
+
+    @property
+    def epoch_done(self) -> bool:
+        return not self.started or self.pos >= self.steps_per_epoch
+
+    def epoch_rows(self, epoch: int) -> Tensor:
+        """The rows of epoch ``epoch`` in training order, (steps_per_epoch * batch_size,) int64 on the CPU."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_images, generator=g)[:self.steps_per_epoch * self.batch_size]
+
+    def start_epoch(self) -> None:
+        self.close()
+        self.epoch += 1
+        self.pos = 0
+
+    def next_views(self) -> list[Tensor]:
+        """This process's views of the current global batch; call advance() after the step."""
+        assert self.started and not self.epoch_done, "start_epoch() first"
+        if self._it is None:
+            rows = self.epoch_rows(self.epoch)[self.pos * self.batch_size:]
+            self._loader = self.make_loader(rows, self.seed + 7919 * (self.epoch + 1) + self.pos)
+            self._it = iter(self._loader)
+        return next(self._it).views
+
+    def advance(self) -> None:
+        self.pos += 1
+        if self.pos >= self.steps_per_epoch:
+            self.close()
+
+    def close(self) -> None:
+        """Release the epoch's pipeline (threads, GPU buffers)."""
+        if self._it is not None:
+            self._it.close()
+            self._loader.close()
+            self._it = self._loader = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "dali", "epoch": self.epoch, "pos": self.pos, "started": self.started,
+                "generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+        # Saved by DeviceBatches (data.loader changed): its epochs count as this one's.
+        self.epoch = state["epoch"] if "epoch" in state else (0 if state["perm"] is not None else -1)
+        self.pos = state["pos"]

@@ -75,7 +75,8 @@ SOURCES = ("digits", "cifar10", "cifar100", "cifar100_20", "stl10", "folder")
 
 @dataclass
 class ImageDataset:
-    """A whole dataset as one uint8 tensor (N, 3, H, W) plus optional labels."""
+    """A whole dataset as one uint8 tensor (N, 3, H, W) plus optional labels. For a folder streamed from disk
+    (data.loader: dali) ``images`` is a FileImages, which decodes the rows it is indexed with."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
@@ -88,7 +89,8 @@ class ImageDataset:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
             raise DataError(f"{self.name}: images must be uint8 (N, 3, H, W), got "
                             f"{self.images.dtype} {tuple(self.images.shape)}")
-        self.images = self.images.contiguous()
+        if isinstance(self.images, torch.Tensor):   # else a folder decoded on demand (fastmice.data.stream)
+            self.images = self.images.contiguous()
         n = self.images.shape[0]
         if self.labels is not None:
             self.labels = self.labels.to(torch.int64).contiguous()
@@ -123,7 +125,8 @@ class ImageDataset:
         if self.paths is not None:
             paths = [self.paths[i] for i in idx.tolist()]
         labels = self.labels[idx] if self.labels is not None else None
-        return ImageDataset(self.images[idx], labels, self.class_names, self.name, paths,
+        images = self.images[idx] if isinstance(self.images, torch.Tensor) else self.images.take(idx)
+        return ImageDataset(images, labels, self.class_names, self.name, paths,
                             list(self.skipped))
 
 
@@ -340,6 +343,13 @@ class DataSourceConfig:
     on_corrupt: str = "skip"  # skip | error (folder only)
     cache_dir: str | None = None  # folder only: decoded-array cache
     num_workers: int = 0  # folder only: decoding threads
+    # How training reads the images. memory: decoded once into memory and kept on the device as uint8,
+    # augmented by batched torch ops (fastest for datasets that fit: CIFAR, STL-10, ImageNet-Dog).
+    # dali: NVIDIA DALI every epoch (a folder: files read by fn.readers.file, decoded by nvJPEG on the GPU,
+    # never held whole; an in-memory source: fed through fn.external_source). auto: memory, unless a folder's
+    # decoded pixels would exceed memory_limit_gb, then dali.
+    loader: str = "auto"
+    memory_limit_gb: float = 16.0
 
     def validate(self) -> None:
         """Raise DataError with a message naming the offending field."""
@@ -370,6 +380,11 @@ class DataSourceConfig:
             raise DataError(f"data.on_corrupt must be 'skip' or 'error', got {self.on_corrupt!r}")
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise DataError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.loader not in ("auto", "memory", "dali"):
+            raise DataError(f"data.loader must be auto, memory or dali, got {self.loader!r}")
+        if isinstance(self.memory_limit_gb, bool) or not isinstance(self.memory_limit_gb, (int, float)) \
+                or not self.memory_limit_gb > 0:
+            raise DataError(f"data.memory_limit_gb must be a positive number, got {self.memory_limit_gb!r}")
 
 
 def load_dataset(cfg: DataSourceConfig, progress: bool = True) -> ImageDataset:
@@ -379,7 +394,11 @@ def load_dataset(cfg: DataSourceConfig, progress: bool = True) -> ImageDataset:
         return load_digits(cfg.image_size or 8)
     if cfg.source == "folder":
         from fastmice.data.folder import load_image_folder
+        from fastmice.data.stream import stream_folder, stream_image_folder
 
+        if stream_folder(cfg):
+            return stream_image_folder(cfg.root, image_size=cfg.image_size, splits=cfg.splits,
+                                       on_corrupt=cfg.on_corrupt, num_workers=cfg.num_workers, progress=progress)
         return load_image_folder(cfg.root, image_size=cfg.image_size, splits=cfg.splits,
                                  on_corrupt=cfg.on_corrupt, num_workers=cfg.num_workers,
                                  progress=progress, cache_dir=cfg.cache_dir)

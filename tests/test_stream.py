@@ -1,0 +1,266 @@
+"""Folders streamed from disk (fastmice.data.stream) and the DALI training loader (data.loader: dali):
+the on-demand images equal the in-memory reader's, epochs cover every row once on any number of processes,
+a resumed epoch reads exactly the rows not yet seen, and a run trains, evaluates and resumes end to end
+(DALI in its CPU mode)."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_overrides
+from fastmice.config import load_config
+from fastmice.data.folder import load_image_folder
+from fastmice.data.sources import DataError, DataSourceConfig, load_dataset
+from fastmice.data.stream import FileImages, stream_folder, stream_image_folder
+from fastmice.loader import DaliBatches, DeviceBatches
+
+
+def make_folder(root, classes=3, per_class=24, size=(20, 20), seed=0):
+    """class folders of random-coloured JPEGs (sizes may differ: `size` is a list then)"""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            w, h = size[i % len(size)] if isinstance(size, list) else size
+            base = rng.integers(0, 256, 3) * (c + 1) % 256
+            img = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path / "imgs")
+
+
+# ---- FileImages ------------------------------------------------------------------------------------------
+def test_file_images_decode_like_the_in_memory_reader(tmp_path):
+    root = make_folder(tmp_path / "mixed", size=[(20, 20), (30, 24), (17, 40)])
+    mem = load_image_folder(root, image_size=16, progress=False)
+    lazy = stream_image_folder(root, image_size=16, progress=False)
+    assert isinstance(lazy.images, FileImages) and lazy.images.shape == mem.images.shape
+    assert lazy.paths == mem.paths and torch.equal(lazy.labels, mem.labels)
+    assert lazy.class_names == mem.class_names
+    assert torch.equal(lazy.images[5:17], mem.images[5:17])
+    idx = torch.tensor([70, 0, 33, 33, -1])
+    assert torch.equal(lazy.images[idx], mem.images[idx])
+    sub = lazy.subset(torch.tensor([3, 40, 8]))
+    assert isinstance(sub.images, FileImages) and sub.paths == [mem.paths[i] for i in (3, 40, 8)]
+    assert torch.equal(sub.images[:], mem.images[[3, 40, 8]])
+    with pytest.raises(IndexError, match="out of range"):
+        lazy.images[torch.tensor([72])]
+
+
+def test_streamed_folder_skips_corrupt_files_and_needs_a_square_size(tmp_path, folder):
+    (folder / "class1" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        ds = stream_image_folder(folder, progress=False)
+    assert len(ds) == 72 and ds.skipped[0][0].endswith("broken.jpg") and ds.images.size == 20
+    with pytest.raises(DataError, match="broken.jpg"):
+        stream_image_folder(folder, on_corrupt="error", progress=False)
+    wide = make_folder(tmp_path / "wide", classes=1, size=(30, 20))
+    with pytest.raises(DataError, match="30x20.*data.image_size"):
+        stream_image_folder(wide, progress=False)
+    assert stream_image_folder(wide, image_size=12, progress=False).images[0:2].shape == (2, 3, 12, 12)
+
+
+def test_a_corrupt_body_names_the_file(tmp_path, folder):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "class0" / "000.jpg", quality=95)
+    good = (folder / "class0" / "000.jpg").read_bytes()
+    (folder / "class0" / "000.jpg").write_bytes(good[:len(good) // 2])   # the header survives, the rest is cut
+    ds = stream_image_folder(folder, image_size=20, progress=False)
+    assert not ds.skipped
+    with pytest.raises(DataError, match="000.jpg"):
+        ds.images[0:4]
+
+
+def test_auto_streams_a_folder_only_above_the_memory_limit(folder):
+    cfg = DataSourceConfig(source="folder", root=str(folder), loader="auto")
+    assert not stream_folder(cfg)                       # 72 x 3 x 20 x 20 bytes
+    cfg.memory_limit_gb = 72 * 3 * 20 * 20 / 1e9 * 0.99
+    assert stream_folder(cfg) and isinstance(load_dataset(cfg, progress=False).images, FileImages)
+    cfg.loader = "memory"
+    assert isinstance(load_dataset(cfg, progress=False).images, torch.Tensor)
+    cfg.loader, cfg.memory_limit_gb = "dali", 16.0
+    assert stream_folder(cfg)
+    assert not stream_folder(DataSourceConfig(source="digits", loader="dali"))   # in memory already
+    with pytest.raises(DataError, match="data.loader"):
+        DataSourceConfig(source="digits", loader="disk").validate()
+    with pytest.raises(DataError, match="memory_limit_gb"):
+        DataSourceConfig(source="digits", memory_limit_gb=0).validate()
+
+
+# ---- DaliBatches: the order of the rows, without DALI -------------------------------------------------------
+class RecordingLoader:
+    """Stands in for a DALI loader: one 'view' per step holding this shard's rows of the global batch."""
+
+    def __init__(self, rows, seed, rank, world, per_rank):
+        self.rows, self.seed = rows, seed
+        n = rows.numel()
+        self.mine = rows[n * rank // world:n * (rank + 1) // world]
+        self.per_rank = per_rank
+
+    def __iter__(self):
+        for i in range(self.mine.numel() // self.per_rank):
+            yield type("Batch", (), {"views": [self.mine[i * self.per_rank:(i + 1) * self.per_rank]]})
+
+    def close(self):
+        pass
+
+
+def batches_for(n, batch, rank=0, world=1, seed=3):
+    made = []
+
+    def make(rows, s):
+        made.append((rows.clone(), s))
+        return RecordingLoader(rows, s, rank, world, batch // world)
+    return DaliBatches(n, batch, seed, make), made
+
+
+def run_epoch(b, steps=None):
+    seen = []
+    while not b.epoch_done and (steps is None or len(seen) < steps):
+        seen.append(b.next_views()[0])
+        b.advance()
+    return torch.cat(seen) if seen else torch.empty(0, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_dali_epochs_cover_each_row_once_on_any_number_of_processes(world):
+    n, batch = 103, 16
+    ranks = [batches_for(n, batch, r, world)[0] for r in range(world)]
+    for epoch in range(2):
+        seen = []
+        for b in ranks:
+            b.start_epoch()
+            seen.append(run_epoch(b))
+        allrows = torch.cat(seen)
+        assert allrows.numel() == (n // batch) * batch and allrows.unique().numel() == allrows.numel()
+        assert ranks[0].steps_per_epoch == n // batch
+        assert all(s.numel() == (n // batch) * (batch // world) for s in seen)
+        if epoch == 0:
+            first = set(allrows.tolist())
+    assert set(allrows.tolist()) != first or n % batch == 0   # each epoch drops a different tail
+
+
+def test_dali_resume_reads_exactly_the_rows_not_yet_seen():
+    b, made = batches_for(100, 8)
+    b.start_epoch()
+    run_epoch(b)
+    b.start_epoch()
+    head = run_epoch(b, steps=5)
+    state = b.state_dict()
+    for world in (1, 2):                      # resume on another number of processes
+        parts = []
+        for r in range(world):
+            c, made2 = batches_for(100, 8, r, world)
+            c.load_state_dict(state)
+            assert (c.epoch, c.pos) == (1, 5) and not c.epoch_done
+            parts.append(run_epoch(c))
+        rest = torch.cat(parts)
+        assert torch.equal(torch.sort(torch.cat([head, rest])).values, torch.sort(b.epoch_rows(1)).values)
+        assert torch.equal(made2[0][0], b.epoch_rows(1)[5 * 8:])
+    assert made[1][1] != made2[0][1]           # the rest of the epoch draws fresh augmentations
+
+
+def test_loader_kinds_read_each_others_state(digits_small):
+    gen = torch.Generator().manual_seed(0)
+    mem = DeviceBatches(digits_small.images, 32, gen)
+    mem.start_epoch()
+    mem.advance()
+    dali, _ = batches_for(len(digits_small), 32)
+    dali.load_state_dict(mem.state_dict())
+    assert dali.started and dali.pos == 1
+    mem2 = DeviceBatches(digits_small.images, 32, torch.Generator().manual_seed(0))
+    mem2.load_state_dict(dali.state_dict())
+    assert mem2.started and mem2.pos == 1 and mem2.perm.numel() == len(digits_small)
+
+
+# ---- the trainer with DALI (CPU pipelines) ------------------------------------------------------------------
+dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+
+
+def dali_cfg(tmp_path, folder, name, **extra):
+    o = {"data.source": "folder", "data.root": str(folder), "data.loader": "dali", "data.image_size": 16,
+         "model.num_clusters": 3, "train.run_name": name, "data.num_workers": 2, **extra}
+    return load_config("digits", tiny_overrides(tmp_path, **o))
+
+
+def test_dali_views_have_the_torch_path_format(tmp_path, folder):
+    from fastmice.train import Trainer
+    t = Trainer(dali_cfg(tmp_path, folder, "fmt"), tmp_path / "fmt")
+    mem = Trainer(dali_cfg(tmp_path, folder, "mem", **{"data.loader": "memory"}), tmp_path / "mem")
+    assert t.loader == "dali" and isinstance(t.dataset.images, FileImages)
+    assert mem.loader == "memory" and isinstance(mem.batches, DeviceBatches)
+    t.batches.start_epoch()
+    views = t.batches.next_views()
+    ref = mem.views(mem.dataset.images[:32])
+    assert len(views) == len(ref) == 3
+    for v, r in zip(views, ref):
+        assert v.shape == r.shape and v.dtype == r.dtype and v.device == r.device
+        assert v.is_contiguous(memory_format=torch.channels_last) == r.is_contiguous(memory_format=torch.channels_last)
+        assert abs(float(v.mean()) - float(r.mean())) < 0.5 and 0.5 < float(v.std()) < 2.0   # normalised
+    t.batches.close()
+
+
+def test_dali_run_trains_evaluates_and_resumes(tmp_path, folder):
+    from fastmice.evaluate import evaluate_model
+    from fastmice.train import Trainer
+    cfg = dali_cfg(tmp_path, folder, "run", **{"train.max_steps": 3})
+    t = Trainer(cfg, tmp_path / "run")
+    assert t.batches.steps_per_epoch == 72 // 32
+    s = t.fit()
+    assert s["status"] == "max_steps" and (t.epoch, t.global_step, t.batches.pos) == (1, 3, 1)
+    r = Trainer.resume(tmp_path / "run", {"train": {"max_steps": None}, "optim": {"epochs": 3}})
+    assert (r.epoch, r.global_step, r.batches.pos, r.loader) == (1, 3, 1, "dali")
+    s = r.fit()
+    assert s["status"] == "finished" and r.global_step == 6 and np.isfinite(s["loss"])
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in steps if e["type"] == "epoch"] == [1, 2, 3]
+    result = evaluate_model(r.model, r.dataset, r.cfg, r.device, r.run_dir, r.crop_size)
+    post = result["readouts"]["posterior"]
+    assert sum(post["cluster_sizes"]) == 72 and 0.0 <= post["acc"] <= 1.0
+    assert "pixel_kmeans" not in result
+
+
+def test_dali_loader_refusals(tmp_path, folder, monkeypatch):
+    from fastmice.train import Trainer
+    with pytest.raises(ValueError, match="RandAugment"):
+        Trainer(dali_cfg(tmp_path, folder, "ra", **{"augment.randaugment_ops": 2}), tmp_path / "ra")
+    monkeypatch.setattr("fastmice.data.dali.dali_available", lambda: False)
+    with pytest.raises(RuntimeError, match="pip install nvidia-dali"):
+        Trainer(dali_cfg(tmp_path, folder, "nodali"), tmp_path / "nodali")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Trainer(dali_cfg(tmp_path, folder, "m", **{"data.loader": "memory"}), tmp_path / "m").loader == "memory"
+
+
+def test_dali_loader_on_an_in_memory_source(tmp_path, digits_small):
+    from fastmice.train import Trainer
+    cfg = load_config("digits", tiny_overrides(tmp_path, **{"data.loader": "dali", "train.run_name": "dm",
+                                                             "train.max_steps": 4}))
+    t = Trainer(cfg, tmp_path / "dm", digits_small)
+    assert t.loader == "dali" and isinstance(t.dataset.images, torch.Tensor)
+    assert t.fit()["global_step"] == 4
+
+
+def test_dali_shards_split_the_global_batch(tmp_path, folder, monkeypatch):
+    """Two processes' loaders over the same rows: each reads its half of every global batch."""
+    from fastmice import distributed
+    from fastmice.train import Trainer
+    t = Trainer(dali_cfg(tmp_path, folder, "sh"), tmp_path / "sh")
+    rows = t.batches.epoch_rows(0)
+    indexes = []
+    for rank in range(2):
+        monkeypatch.setattr(distributed, "world", lambda: 2)
+        monkeypatch.setattr(distributed, "rank", lambda r=rank: r)
+        loader = t._dali_loader(rows, seed=1)
+        assert loader.batch_size == 16 and len(loader) == 2
+        indexes.append(torch.cat([b.index for b in loader]))
+    got = torch.cat(indexes)
+    assert torch.equal(got.sort().values, torch.arange(64))   # positions in `rows`: each once
