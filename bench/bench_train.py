@@ -10,6 +10,9 @@ Paths (same config, same images, same initial weights):
           run separately on x_f and x_g, per-parameter SGD and EMA, host-side queue pointer, loss.item()).
   fast    the Trainer: uint8 images resident on the device, batched augmentation (Trainer.views), train_step
           (bf16 autocast and channels_last on CUDA, fused/foreach optimizer, foreach EMA, train.compile).
+  dali    the same Trainer with data.loader=dali (--paths naive,fast,dali): a folder's files read, decoded (nvJPEG
+          on a GPU) and augmented by DALI every epoch, nothing decoded up front; synthetic data goes through
+          DALI's external_source. Its model phase is the fast path's (the same step), so it is not repeated.
 Phases, each timed after --warmup untimed steps and ended with a device synchronisation:
   end_to_end   data + step, as training runs
   data         the views only (naive: DataLoader batches copied to the device; fast: Trainer.views)
@@ -131,6 +134,14 @@ def timed(fn, steps: int, warmup: int, device: torch.device, mem: PeakMemory) ->
     return time.perf_counter() - t0, mem.peak_mb()
 
 
+def _streamed(dataset, image_size: int | None):
+    """The decoded folder's files as a dataset streamed from disk (data.loader=dali reads them every epoch)."""
+    from fastmice.data.sources import ImageDataset
+    from fastmice.data.stream import FileImages
+    return ImageDataset(FileImages(dataset.paths, image_size or dataset.images.shape[-1]), dataset.labels,
+                        dataset.class_names, dataset.name, dataset.paths)
+
+
 def load_images(args, image_size: int | None):
     """(ImageDataset for the fast path, source for the naive loader: a CPU uint8 tensor or a file list, note)."""
     from fastmice.data.sources import ImageDataset
@@ -172,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", default=None, help="the fast path's train.compile (default: the config's)")
     p.add_argument("--single-pass", action="store_true", help="fast path: x_f and x_g in one student pass")
     p.add_argument("--phases", default="data,model,end_to_end", help="comma-separated subset of the phases")
-    p.add_argument("--paths", default="naive,fast", help="comma-separated subset of naive,fast")
+    p.add_argument("--paths", default="naive,fast", help="comma-separated subset of naive,fast,dali")
     p.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any config setting, for both paths (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
@@ -207,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     bs = cfg.optim.batch_size
     phases = [x for x in args.phases.split(",") if x]
     paths = [x for x in args.paths.split(",") if x]
+    if set(paths) - {"naive", "fast", "dali"}:
+        p.error(f"--paths: unknown {sorted(set(paths) - {'naive', 'fast', 'dali'})}; choose from naive,fast,dali")
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench_train_"))
     torch.manual_seed(cfg.train.seed)
@@ -222,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     views_ds = NaiveViews(source, cfg.augment, crop, cfg.data.mean, cfg.data.std, num_views=3,
                           image_size=cfg.data.image_size)
     notes.append(f"naive transforms: {views_ds.kind}; {workers} DataLoader workers")
+    dali = None
+    if "dali" in paths:   # the same config and initial weights, its batches from DALI
+        dali_ds = dataset if args.data == "synthetic" else _streamed(dataset, cfg.data.image_size)
+        dali = Trainer(load_config(args.config, overrides + ["--data.loader=dali"]), run_dir / "dali", dali_ds)
+        dali.model.load_state_dict(trainer.model.state_dict())
+        notes.append(f"dali: {dali_ds.images!r}" if args.data != "synthetic" else "dali: external_source")
     mem = PeakMemory(device)
     print(f"device {device_name(device)}, torch {torch.__version__}, commit {commit()}; config {args.config}: "
           f"{cfg.model.arch} width {cfg.model.width}, K={cfg.model.num_clusters}, V={cfg.model.queue_size}, "
@@ -281,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     it = naive_batches()
                     secs, peak = timed(lambda: naive_step(naive, naive_opt, *to_device(next(it)), lr=lr),
                                        steps, loader_warmup, device, mem)
-            else:
+            elif path == "fast":
                 if phase == "data":
                     def fast_views():
                         if trainer.batches.epoch_done:
@@ -295,13 +314,28 @@ def main(argv: list[str] | None = None) -> int:
                     secs, peak = timed(lambda: trainer.step_on_views(views, lr), steps, warmup, device, mem)
                 else:
                     secs, peak = timed(lambda: trainer.run_steps(1), steps, warmup, device, mem)
+            elif path == "dali":
+                if phase == "data":
+                    def dali_views():
+                        if dali.batches.epoch_done:
+                            dali.batches.start_epoch()
+                        views = dali.batches.next_views()
+                        dali.batches.advance()
+                        return views
+                    secs, peak = timed(dali_views, steps, warmup, device, mem)
+                elif phase == "model":
+                    continue
+                else:
+                    secs, peak = timed(lambda: dali.run_steps(1), steps, warmup, device, mem)
             record(path, phase, secs, peak)
 
-    ratios = {}
+    ratios, dali_ratios = {}, {}
     for phase in phases:
         rate = {r["path"]: r["samples_per_s"] for r in results if r["phase"] == phase}
         if "naive" in rate and "fast" in rate:
             ratios[phase] = rate["fast"] / rate["naive"]
+        if "naive" in rate and "dali" in rate:
+            dali_ratios[phase] = rate["dali"] / rate["naive"]
     print(f"\n| path | phase | samples/s | step ms | peak MB ({mem.kind}) | of which the phase's |\n"
           f"|---|---|---|---|---|---|")
     for r in results:
@@ -309,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['path']} | {r['phase']} | {r['samples_per_s']:,.1f} | {r['step_ms']:.2f} | "
               f"{r['peak_mem_mb']:,.0f} | {extra} |")
     print("\nfast / naive: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    if dali_ratios:
+        print("dali / naive: " + ", ".join(f"{k} {v:.2f}x" for k, v in dali_ratios.items()))
     if trainer.compile_info:
         print(f"compile ({trainer.compile_info['mode']}): first step {trainer.compile_info.get('seconds') or 0:.1f} s, "
               f"graph breaks {trainer.compile_info.get('graph_breaks')}")
@@ -323,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                      "num_images": len(dataset), "compile": cfg.train.compile, "single_pass": cfg.model.single_pass,
                      "fast_amp": str(trainer.precision.view_dtype), "channels_last": trainer.precision.channels_last,
                      "naive_transforms": views_ds.kind},
-        "memory_kind": mem.kind, "results": results, "ratios": ratios, "compile": trainer.compile_info,
+        "memory_kind": mem.kind, "results": results, "ratios": ratios,
+        "dali_ratios": dali_ratios, "compile": trainer.compile_info,
         "notes": notes,
     }
     if args.json is not None:

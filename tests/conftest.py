@@ -1,8 +1,10 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = REPO.parent / "shared" / "datasets" / "cifar10-jpeg"
@@ -27,3 +29,17 @@ def digits_small():
     from fastmice.data.sources import load_digits
     ds = load_digits(8)
     return ds.subset(torch.arange(320))
+
+
+def make_folder(root, classes=3, per_class=24, size=(20, 20), seed=0):
+    """class folders of random-coloured JPEGs (sizes may differ: `size` is a list then)"""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            w, h = size[i % len(size)] if isinstance(size, list) else size
+            base = rng.integers(0, 256, 3) * (c + 1) % 256
+            img = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i:03d}.jpg", quality=90)
+    return root

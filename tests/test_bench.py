@@ -84,6 +84,22 @@ def test_bench_train_reads_a_jpeg_folder(tiny_folder, tmp_path, capsys, one_thre
     assert all(r["samples_per_s"] > 0 for r in report["results"])
 
 
+def test_bench_train_dali_path_streams_the_folder(tiny_folder, tmp_path, one_thread):
+    """--paths fast,dali: the same step fed by DALI reading the files every epoch (DALI's CPU mode here)."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    bench = load_script("bench_train")
+    out = tmp_path / "bench.json"
+    assert bench.main([*TINY_MODEL, "--device", "cpu", "--data", str(tiny_folder / "train"), "--paths", "fast,dali",
+                       "--override", "model.queue_size=32", "--override", "model.num_clusters=2",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = [(r["path"], r["phase"]) for r in report["results"]]
+    assert rows == [("fast", "data"), ("dali", "data"), ("fast", "model"), ("fast", "end_to_end"),
+                    ("dali", "end_to_end")]
+    assert all(r["samples_per_s"] > 0 for r in report["results"])
+    assert any("FileImages(48 files" in n for n in report["notes"])
+
+
 def test_time_to_accuracy_smoke(tiny_folder, tmp_path, capsys, one_thread):
     tta = load_script("time_to_accuracy")
     out = tmp_path / "tta.json"

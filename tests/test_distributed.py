@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import REPO, tiny_overrides
+from conftest import make_folder, REPO, tiny_overrides
 from fastmice import distributed
 from fastmice.checkpoint import load_checkpoint
 from fastmice.cli import main
@@ -153,6 +153,26 @@ def test_torchrun_cli_then_resume_on_one_process(tmp_path, capsys):
     assert load_checkpoint(run)["global_step"] == 8
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "step"] == [2, 4, 5, 7, 8]    # 2 ranks, then 1
+
+
+def test_torchrun_with_the_dali_loader_then_resume_on_one_process(tmp_path, capsys):
+    """data.loader=dali under torchrun: each of 2 processes reads its shard of a folder through DALI (CPU mode);
+    the checkpoint resumes in one process, which reads the rest of the epoch alone."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    folder = make_folder(tmp_path / "imgs", classes=2, per_class=48)   # 3 steps of 32 an epoch
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run)] + tiny_overrides(tmp_path, **{
+        "train.max_steps": 2, "data.source": "folder", "data.root": str(folder), "data.loader": "dali",
+        "data.image_size": 16, "model.num_clusters": 2, "eval.at_end": "false"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "fastmice"] + args, capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = load_checkpoint(run)
+    assert state["global_step"] == 2 and state["batches"]["kind"] == "dali" and state["batches"]["pos"] == 2
+    assert main(["train", "--resume", str(run), "--train.max_steps=4", "--eval.at_end=false"]) == 0
+    state = load_checkpoint(run)
+    assert (state["global_step"], state["epoch"], state["batches"]["pos"]) == (4, 1, 1)
 
 
 def test_batch_must_split_over_the_ranks(tmp_path, monkeypatch):

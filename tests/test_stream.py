@@ -10,26 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_overrides
+from conftest import make_folder, tiny_overrides
 from fastmice.config import load_config
 from fastmice.data.folder import load_image_folder
 from fastmice.data.sources import DataError, DataSourceConfig, load_dataset
 from fastmice.data.stream import FileImages, stream_folder, stream_image_folder
 from fastmice.loader import DaliBatches, DeviceBatches
-
-
-def make_folder(root, classes=3, per_class=24, size=(20, 20), seed=0):
-    """class folders of random-coloured JPEGs (sizes may differ: `size` is a list then)"""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        d = root / f"class{c}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            w, h = size[i % len(size)] if isinstance(size, list) else size
-            base = rng.integers(0, 256, 3) * (c + 1) % 256
-            img = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(d / f"{i:03d}.jpg", quality=90)
-    return root
 
 
 @pytest.fixture
