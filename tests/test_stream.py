@@ -250,3 +250,18 @@ def test_dali_shards_split_the_global_batch(tmp_path, folder, monkeypatch):
         indexes.append(torch.cat([b.index for b in loader]))
     got = torch.cat(indexes)
     assert torch.equal(got.sort().values, torch.arange(64))   # positions in `rows`: each once
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dali_loader_on_the_gpu(tmp_path, folder):
+    """On CUDA: nvJPEG decoding, views in the fast step's format (bf16, channels_last, on the GPU), a short fit."""
+    from fastmice.train import Trainer
+    t = Trainer(dali_cfg(tmp_path, folder, "gpu", **{"train.device": "cuda", "train.max_steps": 3}), tmp_path / "gpu")
+    t.batches.start_epoch()
+    views = t.batches.next_views()
+    assert all(v.is_cuda and v.dtype == torch.bfloat16 and v.is_contiguous(memory_format=torch.channels_last)
+               for v in views)
+    t.batches.close()
+    t.batches.start_epoch()
+    assert t.fit()["global_step"] == 3
