@@ -14,6 +14,7 @@ fails later with its path named.
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -164,7 +165,9 @@ def stream_folder(cfg: Any) -> bool:
     if cfg.loader == "dali":
         return True
     roots = [cfg.root] if isinstance(cfg.root, (str, Path)) else list(cfg.root)
-    files, _, _ = _list_images([Path(r).expanduser().resolve() for r in roots], cfg.splits)
+    with warnings.catch_warnings():   # the reader that runs next lists the folder again and says it once
+        warnings.simplefilter("ignore")
+        files, _, _ = _list_images([Path(r).expanduser().resolve() for r in roots], cfg.splits)
     side = cfg.image_size
     if side is None:
         wh = next((h for h in map(_header, files[:16]) if isinstance(h, tuple)), None)
