@@ -265,3 +265,12 @@ def test_dali_loader_on_the_gpu(tmp_path, folder):
     t.batches.close()
     t.batches.start_epoch()
     assert t.fit()["global_step"] == 3
+
+
+def test_data_check_describes_a_streamed_folder(folder):
+    from fastmice.data.prepare import channel_stats, describe_dataset
+    lazy = stream_image_folder(folder, progress=False)
+    text = describe_dataset(lazy)
+    assert "72  (3 x 20 x 20 uint8" in text and "streams it with DALI" in text
+    mem = load_image_folder(folder, progress=False)
+    assert np.allclose(channel_stats(lazy), channel_stats(mem))

@@ -86,8 +86,11 @@ class FileImages:
         """The rows ``idx`` as another FileImages (nothing decoded)."""
         return FileImages([self.paths[r] for r in self._rows(idx)], self.size, self.num_workers)
 
-    def decoded_bytes(self) -> int:
+    def numel(self) -> int:
         return len(self.paths) * 3 * self.size * self.size
+
+    def decoded_bytes(self) -> int:
+        return self.numel()
 
     def __repr__(self) -> str:
         return f"FileImages({len(self.paths)} files, {self.size}px, decoded on demand)"
