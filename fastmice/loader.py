@@ -71,15 +71,17 @@ class DeviceBatches:
 class DaliBatches:
     """Views from DALI in epochs of ``num_images // batch_size`` global steps, whatever the number of processes.
 
-    Each epoch is a permutation of the rows, a function of (seed, epoch) alone, cut to whole global batches.
-    At the first batch of an epoch (or of the rest of one, after a resume) ``make_loader(rows, seed)`` builds a
-    DALI loader over those rows, in that order, sharded over the processes (each reads a contiguous 1/world of
-    them, batch_size // world per step). The state is (epoch, position): a checkpoint resumes on any number of
-    processes, and the rest of the epoch, exactly the rows not yet seen, is read in a fresh pipeline.
+    Each epoch is a permutation of the rows, a function of (seed, epoch) alone, cut to whole global batches;
+    global step k reads rows[k*B:(k+1)*B], process r the r-th 1/world of them. At the first batch of an epoch
+    (or of the rest of one, after a resume) ``make_loader(rows, seed)`` builds this process's DALI loader over
+    the rows laid out for DALI's sharding (shard r reads the r-th contiguous 1/world of the list, batch_size //
+    world per step): every process's slices, one process after the other. The state is (epoch, position): a
+    checkpoint resumes on any number of processes, and the rest of the epoch, exactly the rows not yet seen, is
+    read in a fresh pipeline.
     """
 
     def __init__(self, num_images: int, batch_size: int, seed: int, make_loader: Callable[[Tensor, int], Any],
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, world: int = 1):
         if batch_size > num_images:
             raise ValueError(f"batch size {batch_size} is larger than the dataset ({num_images} images); "
                              f"lower optim.batch_size")
@@ -88,6 +90,7 @@ class DaliBatches:
         self.seed = seed
         self.make_loader = make_loader
         self.generator = generator   # the trainer's views() stream; DALI draws its own
+        self.world = world
         self.steps_per_epoch = num_images // batch_size
         self.epoch = -1               # epochs started (the permutation's index)
         self.pos = 0
@@ -116,6 +119,7 @@ class DaliBatches:
         assert self.started and not self.epoch_done, "start_epoch() first"
         if self._it is None:
             rows = self.epoch_rows(self.epoch)[self.pos * self.batch_size:]
+            rows = rows.view(-1, self.world, self.batch_size // self.world).transpose(0, 1).reshape(-1)
             self._loader = self.make_loader(rows, self.seed + 7919 * (self.epoch + 1) + self.pos)
             self._it = iter(self._loader)
         return next(self._it).views

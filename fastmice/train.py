@@ -76,7 +76,8 @@ class Trainer:
         gen.manual_seed(cfg.train.seed + 1)
         self.loader = self._resolve_loader()
         if self.loader == "dali":
-            self.batches = DaliBatches(n, cfg.optim.batch_size, cfg.train.seed + 1, self._dali_loader, gen)
+            self.batches = DaliBatches(n, cfg.optim.batch_size, cfg.train.seed + 1, self._dali_loader, gen,
+                                       world=distributed.world())
         else:
             self.batches = DeviceBatches(self.dataset.images.to(self.device), cfg.optim.batch_size, gen)
         self.mean = torch.tensor(cfg.data.mean, device=self.device)
@@ -98,6 +99,9 @@ class Trainer:
         streamed = is_streamed(self.dataset)
         if cfg.data.loader != "dali" and not streamed:
             return "memory"
+        if cfg.data.loader == "memory":
+            raise ValueError(f"data.loader=memory, but the dataset given is {self.dataset.images!r}; load it with "
+                             f"fastmice.data.sources.load_dataset(cfg.data) to decode it into memory")
         why = ("data.loader=dali" if cfg.data.loader == "dali" else
                f"the folder's decoded images ({self.dataset.images.decoded_bytes() / 1e9:.1f} GB) exceed "
                f"data.memory_limit_gb={cfg.data.memory_limit_gb}, so it is streamed with DALI")
@@ -114,19 +118,17 @@ class Trainer:
         return "dali"
 
     def _dali_loader(self, rows: torch.Tensor, seed: int):
-        """A DALI loader over dataset rows `rows` (in that order; a multiple of the global batch), sharded over
-        the processes: the views of this rank's share of each global batch, as the torch path makes them."""
-        from fastmice.data.dali import dali_file_loader, dali_memory_loader
+        """A DALI loader over dataset rows `rows` (in that order, as DaliBatches lays them out for DALI's shards),
+        this process's shard: the views of its share of each global batch, as the torch path makes them."""
+        from fastmice.data.dali import dali_device_id, dali_file_loader, dali_memory_loader
 
         cfg, world = self.cfg, distributed.world()
-        common = dict(batch_size=cfg.optim.batch_size // world, crop_size=self.crop_size, mean=cfg.data.mean,
+        per_rank = cfg.optim.batch_size // world
+        common = dict(batch_size=per_rank, crop_size=self.crop_size, mean=cfg.data.mean,
                       std=cfg.data.std, num_views=self.model.num_views, augment=cfg.augment,
-                      device_id=self.device.index if self.device.type == "cuda" else None, seed=seed,
-                      shard_id=distributed.rank(), num_shards=world, shuffle=False, drop_last=True,
-                      num_threads=cfg.data.num_workers or 4, out_dtype=self.precision.view_dtype,
+                      device_id=dali_device_id(self.device), seed=seed, shard_id=distributed.rank(), num_shards=world, shuffle=False,
+                      drop_last=True, num_threads=cfg.data.num_workers or 4, out_dtype=self.precision.view_dtype,
                       channels_last=self.precision.channels_last)
-        if common["device_id"] is not None and self.device.index is None:
-            common["device_id"] = torch.cuda.current_device()
         images = self.dataset.images
         if isinstance(images, torch.Tensor):
             return dali_memory_loader(images[rows], **common)
@@ -150,6 +152,11 @@ class Trainer:
             group.update(f)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.batches.load_state_dict(state["batches"])
+        if isinstance(self.batches, DaliBatches) and "epoch" not in state["batches"]:
+            # Saved by the memory loader: index DALI's permutations by the trainer's epoch (the epoch in progress,
+            # or the one about to start). The rest of an epoch in progress comes from another permutation.
+            in_progress = self.batches.started and not self.batches.epoch_done
+            self.batches.epoch = self.epoch if in_progress else self.epoch - 1
         restore_host_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
@@ -376,6 +383,9 @@ class Trainer:
         status, last_loss = "finished", float("nan")
         try:
             while self.epoch < cfg.optim.epochs:
+                if self._max_steps_reached():   # e.g. resumed at train.max_steps: not one step more
+                    status = "max_steps"
+                    break
                 if self.batches.epoch_done:
                     self.batches.start_epoch()
                 loss_sum = torch.zeros((), device=self.device)
@@ -418,6 +428,8 @@ class Trainer:
                     status = "max_steps"
                     break
         finally:
+            if isinstance(self.batches, DaliBatches):   # no pipeline (threads, GPU buffers) kept through evaluation
+                self.batches.close()
             if in_main_thread:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)

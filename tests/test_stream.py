@@ -39,6 +39,9 @@ def test_file_images_decode_like_the_in_memory_reader(tmp_path):
     assert torch.equal(sub.images[:], mem.images[[3, 40, 8]])
     with pytest.raises(IndexError, match="out of range"):
         lazy.images[torch.tensor([72])]
+    assert torch.equal(lazy.images[7], mem.images[7]) and lazy.images[np.int64(7)].shape == (3, 16, 16)
+    with pytest.raises(DataError, match="30x24 but .*sets the size.*data.image_size"):
+        stream_image_folder(root, progress=False)   # native sizes differ: like load_image_folder, refused
 
 
 def test_streamed_folder_skips_corrupt_files_and_needs_a_square_size(tmp_path, folder):
@@ -105,7 +108,7 @@ def batches_for(n, batch, rank=0, world=1, seed=3):
     def make(rows, s):
         made.append((rows.clone(), s))
         return RecordingLoader(rows, s, rank, world, batch // world)
-    return DaliBatches(n, batch, seed, make), made
+    return DaliBatches(n, batch, seed, make, world=world), made
 
 
 def run_epoch(b, steps=None):
@@ -134,24 +137,31 @@ def test_dali_epochs_cover_each_row_once_on_any_number_of_processes(world):
     assert set(allrows.tolist()) != first or n % batch == 0   # each epoch drops a different tail
 
 
-def test_dali_resume_reads_exactly_the_rows_not_yet_seen():
-    b, made = batches_for(100, 8)
-    b.start_epoch()
-    run_epoch(b)
-    b.start_epoch()
-    head = run_epoch(b, steps=5)
-    state = b.state_dict()
-    for world in (1, 2):                      # resume on another number of processes
-        parts = []
-        for r in range(world):
-            c, made2 = batches_for(100, 8, r, world)
-            c.load_state_dict(state)
-            assert (c.epoch, c.pos) == (1, 5) and not c.epoch_done
-            parts.append(run_epoch(c))
-        rest = torch.cat(parts)
-        assert torch.equal(torch.sort(torch.cat([head, rest])).values, torch.sort(b.epoch_rows(1)).values)
-        assert torch.equal(made2[0][0], b.epoch_rows(1)[5 * 8:])
-    assert made[1][1] != made2[0][1]           # the rest of the epoch draws fresh augmentations
+@pytest.mark.parametrize("before,after", [(1, 2), (2, 1), (2, 4), (4, 4)])
+def test_dali_resume_reads_exactly_the_rows_not_yet_seen(before, after):
+    """Step k of all processes together reads rows[k*B:(k+1)*B], so a checkpoint at any step resumes on any
+    number of processes with exactly the rest of the epoch."""
+    n, batch = 100, 8
+    first = [batches_for(n, batch, r, before) for r in range(before)]
+    for b, _ in first:
+        b.start_epoch()
+        run_epoch(b)
+        b.start_epoch()
+    heads = [run_epoch(b, steps=5) for b, _ in first]
+    rows = first[0][0].epoch_rows(1)
+    for k in range(5):                        # each step's global batch is the next B rows of the permutation
+        step = torch.cat([h[k * batch // before:(k + 1) * batch // before] for h in heads])
+        assert torch.equal(step.sort().values, rows[k * batch:(k + 1) * batch].sort().values)
+    state = first[0][0].state_dict()
+    rest = []
+    for r in range(after):
+        c, made = batches_for(n, batch, r, after)
+        c.load_state_dict(state)
+        assert (c.epoch, c.pos) == (1, 5) and not c.epoch_done
+        rest.append(run_epoch(c))
+    seen = torch.cat(heads + rest)
+    assert torch.equal(seen.sort().values, rows.sort().values)
+    assert made[0][1] != first[0][1][1][1]     # the rest of the epoch draws fresh augmentations
 
 
 def test_loader_kinds_read_each_others_state(digits_small):
@@ -236,20 +246,39 @@ def test_dali_loader_on_an_in_memory_source(tmp_path, digits_small):
 
 
 def test_dali_shards_split_the_global_batch(tmp_path, folder, monkeypatch):
-    """Two processes' loaders over the same rows: each reads its half of every global batch."""
+    """Two processes' DALI loaders (real ones, CPU mode): each reads its half of every global batch."""
     from fastmice import distributed
     from fastmice.train import Trainer
     t = Trainer(dali_cfg(tmp_path, folder, "sh"), tmp_path / "sh")
-    rows = t.batches.epoch_rows(0)
-    indexes = []
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    rank_of = {p: i for i, p in enumerate(t.dataset.paths)}
+    steps = {0: [], 1: []}
+
+    def recording(rank):
+        def make(rows, seed):   # the trainer's loader, noting the dataset rows of each batch it yields
+            loader = t._dali_loader(rows, seed)
+            assert loader.batch_size == 16
+
+            class Recorder:
+                def __iter__(self):
+                    for batch in loader:
+                        steps[rank].append(sorted(rank_of[loader.files[i]] for i in batch.index.tolist()))
+                        yield batch
+
+                def close(self):
+                    loader.close()
+            return Recorder()
+        return make
+
     for rank in range(2):
-        monkeypatch.setattr(distributed, "world", lambda: 2)
         monkeypatch.setattr(distributed, "rank", lambda r=rank: r)
-        loader = t._dali_loader(rows, seed=1)
-        assert loader.batch_size == 16 and len(loader) == 2
-        indexes.append(torch.cat([b.index for b in loader]))
-    got = torch.cat(indexes)
-    assert torch.equal(got.sort().values, torch.arange(64))   # positions in `rows`: each once
+        b = DaliBatches(len(t.dataset), 32, 5, recording(rank), world=2)
+        b.start_epoch()
+        run_epoch(b)
+    rows = b.epoch_rows(0).tolist()
+    assert len(steps[0]) == len(steps[1]) == 2
+    for k in range(2):   # global step k: rank 0's and rank 1's images together are rows[32k:32(k+1)]
+        assert sorted(steps[0][k] + steps[1][k]) == sorted(rows[32 * k:32 * (k + 1)])
 
 
 @pytest.mark.gpu
@@ -274,3 +303,30 @@ def test_data_check_describes_a_streamed_folder(folder):
     assert "72  (3 x 20 x 20 uint8" in text and "streams it with DALI" in text
     mem = load_image_folder(folder, progress=False)
     assert np.allclose(channel_stats(lazy), channel_stats(mem))
+
+
+def test_dali_device_id(monkeypatch):
+    from fastmice.data.dali import dali_device_id
+    assert dali_device_id(torch.device("cpu")) is None
+    assert dali_device_id(torch.device("cuda", 2)) == 2
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert dali_device_id(torch.device("cuda")) == 3     # "cuda" alone: the current GPU, not a CPU pipeline
+
+
+def test_memory_loader_refuses_a_streamed_dataset(tmp_path, folder):
+    from fastmice.train import Trainer
+    cfg = dali_cfg(tmp_path, folder, "ms", **{"data.loader": "memory"})
+    with pytest.raises(ValueError, match="data.loader=memory.*FileImages"):
+        Trainer(cfg, tmp_path / "ms", stream_image_folder(folder, image_size=16, progress=False))
+
+
+def test_switching_loader_on_resume_keeps_the_epoch(tmp_path, folder):
+    """A run started with data.loader=memory resumes with dali (and back): steps and epochs go on."""
+    from fastmice.train import Trainer
+    t = Trainer(dali_cfg(tmp_path, folder, "sw", **{"data.loader": "memory", "train.max_steps": 3}), tmp_path / "sw")
+    t.fit()                                            # 2 steps an epoch: stops at epoch 1, pos 1
+    r = Trainer.resume(tmp_path / "sw", {"data": {"loader": "dali"}, "train": {"max_steps": 5}, "optim": {"epochs": 3}})
+    assert r.loader == "dali" and (r.epoch, r.global_step, r.batches.pos, r.batches.epoch) == (1, 3, 1, 1)
+    assert r.fit()["global_step"] == 5 and r.batches.epoch == r.epoch == 2
+    back = Trainer.resume(tmp_path / "sw", {"data": {"loader": "memory"}, "train": {"max_steps": 6}})
+    assert back.loader == "memory" and back.fit()["global_step"] == 6

@@ -120,3 +120,11 @@ def test_init_from_copies_the_backbone(tmp_path, digits_small):
     for a, b, c in zip(simclr.model.backbone.state_dict().values(), mice.model.student.backbone.state_dict().values(),
                        mice.model.teacher.backbone.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_resume_at_max_steps_runs_no_further_step(tmp_path, digits_small):
+    t = make_trainer(tmp_path, digits_small, "ms", **{"train.max_steps": 7})
+    assert t.fit()["global_step"] == 7
+    again = Trainer.resume(tmp_path / "ms", None, digits_small)
+    summary = again.fit()
+    assert summary["status"] == "max_steps" and again.global_step == 7

@@ -104,7 +104,7 @@ from torch import Tensor
 
 from fastmice.augment import MOCO_V1, AugmentConfig
 
-__all__ = ["DaliBatch", "DaliLoader", "dali_available", "dali_file_loader", "dali_memory_loader",
+__all__ = ["DaliBatch", "DaliLoader", "dali_available", "dali_device_id", "dali_file_loader", "dali_memory_loader",
            "build_views", "blur_kernel_size", "COLOR_MODES", "INSTALL_HINT"]
 
 INSTALL_HINT = "pip install nvidia-dali-cuda130   (or: pip install 'fastmice[dali]')"
@@ -339,6 +339,13 @@ class DaliLoader:
     def close(self) -> None:
         """Release the pipeline (threads, GPU buffers)."""
         self.pipe = None
+
+
+def dali_device_id(device: torch.device) -> int | None:
+    """DALI's device_id for a torch device: the GPU's index ("cuda" alone: the current one), None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _device_for(device_id: int | None) -> torch.device:

@@ -71,7 +71,7 @@ def describe_dataset(ds: ImageDataset, max_skipped: int = 10) -> str:
     streamed = not isinstance(ds.images, torch.Tensor)
     lines = [f"dataset   {ds.name}",
              f"images    {n}  (3 x {h} x {w} uint8, {mib:.1f} MiB" +
-             (", more than data.memory_limit_gb: training streams it with DALI, data.loader=dali)" if streamed
+             (", decoded on demand: training streams it with DALI, data.loader=dali)" if streamed
               else ")")]
     if ds.labels is None:
         lines.append("classes   none (unlabelled)")

@@ -7,6 +7,11 @@ and nothing holds the whole dataset. Evaluation, reports and prediction still in
 (N, 3, S, S) uint8 tensor and decodes only the rows asked for (a batch, a cluster's thumbnails), with
 the in-memory reader's preprocessing (shorter side to S, centre crop).
 
+When images must be resized (data.image_size differs from the files'), training sees DALI's resize and
+evaluation PIL's (the in-memory reader's): both bilinear and antialiased, the same geometry, but not the same
+pixels (on CIFAR-10 resized 32 -> 16 they differ by 4.4 of 255 on average). At the files' own size both
+decoders give the same pixels.
+
 Corrupt files are found when the folder is listed, by reading each file's header in a thread pool (the
 same ``data.on_corrupt`` rule as the in-memory reader); a file whose header reads but whose body is broken
 fails later with its path named.
@@ -70,6 +75,8 @@ class FileImages:
                             f"when the folder was listed; remove or replace the file)") from e
 
     def __getitem__(self, idx: Any) -> torch.Tensor:
+        if isinstance(idx, (int, np.integer)):
+            return self[[int(idx)]][0]        # (3, S, S), as a tensor's integer index gives
         rows = self._rows(idx)
         out = np.empty((len(rows), 3, self.size, self.size), dtype=np.uint8)
         if len(rows) > 1 and self.num_workers > 1:
@@ -151,6 +158,13 @@ def stream_image_folder(roots: str | Path | Sequence[str | Path], image_size: in
                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
     kept = [files[i] for i in keep]
     size = folder_size(kept, image_size)
+    if image_size is None:   # as the in-memory reader: one size for all, or data.image_size to resize them
+        other = [(files[i], headers[i]) for i in keep if headers[i] != (size, size)]
+        if other:
+            (path, (w, h)) = other[0]
+            raise DataError(f"{path} is {w}x{h} but {kept[0]} ({size}x{size}) sets the size for this folder "
+                            f"({len(other)} image(s) differ); set data.image_size to resize every image to one "
+                            f"square size")
     lab = torch.tensor([labels[i] for i in keep], dtype=torch.int64) if labels is not None else None
     name = "folder:" + ",".join(str(r) for r in roots)
     return ImageDataset(FileImages(kept, size, num_workers), lab, class_names, name, kept, skipped)
