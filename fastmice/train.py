@@ -123,12 +123,11 @@ class Trainer:
         from fastmice.data.dali import dali_device_id, dali_file_loader, dali_memory_loader
 
         cfg, world = self.cfg, distributed.world()
-        per_rank = cfg.optim.batch_size // world
-        common = dict(batch_size=per_rank, crop_size=self.crop_size, mean=cfg.data.mean,
+        common = dict(batch_size=cfg.optim.batch_size // world, crop_size=self.crop_size, mean=cfg.data.mean,
                       std=cfg.data.std, num_views=self.model.num_views, augment=cfg.augment,
-                      device_id=dali_device_id(self.device), seed=seed, shard_id=distributed.rank(), num_shards=world, shuffle=False,
-                      drop_last=True, num_threads=cfg.data.num_workers or 4, out_dtype=self.precision.view_dtype,
-                      channels_last=self.precision.channels_last)
+                      device_id=dali_device_id(self.device), seed=seed, shard_id=distributed.rank(),
+                      num_shards=world, shuffle=False, drop_last=True, num_threads=cfg.data.num_workers or 4,
+                      out_dtype=self.precision.view_dtype, channels_last=self.precision.channels_last)
         images = self.dataset.images
         if isinstance(images, torch.Tensor):
             return dali_memory_loader(images[rows], **common)
