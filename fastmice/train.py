@@ -27,7 +27,7 @@ from fastmice.checkpoint import (CHECKPOINT_NAME, atomic_save, host_rng_state, l
 from fastmice.compile import compile_forward, graph_breaks, mark_step_begin, uses_cudagraphs
 from fastmice.config import Config, config_from_dict
 from fastmice.data.sources import ImageDataset, load_dataset
-from fastmice.loader import DaliBatches, DeviceBatches
+from fastmice.loader import DaliBatches, DeviceBatches, dali_loader_for, resolve_loader
 from fastmice.models import build_model
 from fastmice.optim import build_optimizer, learning_rate
 from fastmice.runtime import precision_for, resolve_device
@@ -74,7 +74,7 @@ class Trainer:
         self.net = self._parallel(self.model)   # runs the training forward: DDP over several processes
         gen = torch.Generator(device=self.device)
         gen.manual_seed(cfg.train.seed + 1)
-        self.loader = self._resolve_loader()
+        self.loader = resolve_loader(cfg, self.dataset)
         if self.loader == "dali":
             self.batches = DaliBatches(n, cfg.optim.batch_size, cfg.train.seed + 1, self._dali_loader, gen,
                                        world=distributed.world())
@@ -88,50 +88,8 @@ class Trainer:
         self._compiled = None              # train.compile: the compiled forward, built on the first step
         self.compile_info: dict[str, Any] | None = None   # its record (mode, seconds of the first step, ...)
 
-    def _resolve_loader(self) -> str:
-        """data.loader as this run uses it: dali for a folder streamed from disk (or data.loader: dali), else
-        memory. auto never picks dali for data that is in memory already: batched torch ops on device-resident
-        uint8 images measured 4x DALI's rate on the H100 (102,800 against 24,400 CIFAR samples/s)."""
-        from fastmice.data.dali import INSTALL_HINT, dali_available
-        from fastmice.data.stream import is_streamed
-
-        cfg = self.cfg
-        streamed = is_streamed(self.dataset)
-        if cfg.data.loader != "dali" and not streamed:
-            return "memory"
-        if cfg.data.loader == "memory":
-            raise ValueError(f"data.loader=memory, but the dataset given is {self.dataset.images!r}; load it with "
-                             f"fastmice.data.sources.load_dataset(cfg.data) to decode it into memory")
-        why = ("data.loader=dali" if cfg.data.loader == "dali" else
-               f"the folder's decoded images ({self.dataset.images.decoded_bytes() / 1e9:.1f} GB) exceed "
-               f"data.memory_limit_gb={cfg.data.memory_limit_gb}, so it is streamed with DALI")
-        if not dali_available():
-            raise RuntimeError(f"{why}, but NVIDIA DALI is not installed: {INSTALL_HINT}" +
-                               ("" if cfg.data.loader == "dali" else
-                                "; or raise data.memory_limit_gb, or set data.loader=memory"))
-        if cfg.augment.randaugment_ops:
-            raise ValueError(f"{why}, but RandAugment (augment.randaugment_ops) is not in the DALI pipeline; "
-                             f"use data.loader=memory for this recipe")
-        if cfg.model.mu_sgd_passes:
-            raise ValueError(f"{why}, but model.mu_sgd_passes (Appendix E) re-reads the data between epochs, "
-                             f"which only the in-memory loader does; use data.loader=memory")
-        return "dali"
-
     def _dali_loader(self, rows: torch.Tensor, seed: int):
-        """A DALI loader over dataset rows `rows` (in that order, as DaliBatches lays them out for DALI's shards),
-        this process's shard: the views of its share of each global batch, as the torch path makes them."""
-        from fastmice.data.dali import dali_device_id, dali_file_loader, dali_memory_loader
-
-        cfg, world = self.cfg, distributed.world()
-        common = dict(batch_size=cfg.optim.batch_size // world, crop_size=self.crop_size, mean=cfg.data.mean,
-                      std=cfg.data.std, num_views=self.model.num_views, augment=cfg.augment,
-                      device_id=dali_device_id(self.device), seed=seed, shard_id=distributed.rank(),
-                      num_shards=world, shuffle=False, drop_last=True, num_threads=cfg.data.num_workers or 4,
-                      out_dtype=self.precision.view_dtype, channels_last=self.precision.channels_last)
-        images = self.dataset.images
-        if isinstance(images, torch.Tensor):
-            return dali_memory_loader(images[rows], **common)
-        return dali_file_loader(files=[images.paths[i] for i in rows.tolist()], image_size=self.image_size, **common)
+        return dali_loader_for(self, rows, seed)
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
