@@ -162,6 +162,9 @@ class TrainConfig:
     # GPU session that runs bench/bench_train.py with each mode picks the default. Under torchrun the step
     # runs eagerly (the teacher's gathers and shuffle-BN would split the graph).
     compile: str = "off"
+    # Memory loader: augment the next batch (on a side CUDA stream) while the step runs. The same random draws in
+    # the same order, so training is identical with it on or off; off only to measure what it saves.
+    prefetch: bool = True
 
     def validate(self) -> None:
         if self.compile not in COMPILE_MODES:

@@ -30,10 +30,12 @@ class DeviceBatches:
         self.steps_per_epoch = n // batch_size    # drop_last: every step sees a full batch
         self.perm: Tensor | None = None
         self.pos = 0
+        self.epochs_started = 0                   # names the permutation (with pos: a batch) for prefetching
 
     def start_epoch(self) -> None:
         self.perm = torch.randperm(self.images.shape[0], device=self.images.device, generator=self.generator)
         self.pos = 0
+        self.epochs_started += 1
 
     @property
     def epoch_done(self) -> bool:
@@ -48,6 +50,11 @@ class DeviceBatches:
         assert self.perm is not None, "start_epoch() first"
         idx = self.perm[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
         return idx, self.images[idx]
+
+    def batch(self, pos: int) -> Tensor:
+        """The uint8 images (B, 3, H, W) of position `pos` of this epoch."""
+        assert self.perm is not None, "start_epoch() first"
+        return self.images[self.perm[pos * self.batch_size:(pos + 1) * self.batch_size]]
 
     def advance(self) -> None:
         self.pos += 1
@@ -66,6 +73,7 @@ class DeviceBatches:
         else:
             self.perm = None if state["perm"] is None else state["perm"].to(self.images.device)
         self.pos = state["pos"]
+        self.epochs_started += 1
 
 
 class DaliBatches:

@@ -30,6 +30,7 @@ from fastmice.data.sources import ImageDataset, load_dataset
 from fastmice.loader import DaliBatches, DeviceBatches, dali_loader_for, resolve_loader
 from fastmice.models import build_model
 from fastmice.optim import build_optimizer, learning_rate
+from fastmice.prefetch import ViewPrefetcher
 from fastmice.runtime import precision_for, resolve_device
 
 
@@ -80,6 +81,7 @@ class Trainer:
                                        world=distributed.world())
         else:
             self.batches = DeviceBatches(self.dataset.images.to(self.device), cfg.optim.batch_size, gen)
+        self.prefetcher = ViewPrefetcher(self.device) if cfg.train.prefetch and self.loader == "memory" else None
         self.mean = torch.tensor(cfg.data.mean, device=self.device)
         self.std = torch.tensor(cfg.data.std, device=self.device)
         self.epoch = 0
@@ -95,10 +97,18 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
-                "batches": self.batches.state_dict(), "rng": host_rng_state(),
+                "batches": self._batches_state(), "rng": host_rng_state(),
                 "image_size": self.image_size, "num_images": len(self.dataset), "time": time.time()}
 
+    def _batches_state(self) -> dict[str, Any]:
+        state = self.batches.state_dict()
+        if self.prefetcher is not None:   # the generator as it was before the next batch's views were drawn
+            state["generator"] = self.prefetcher.generator_state(self.batches.generator)
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.drop()
         self.model.load_state_dict(state["model"])
         if not distributed.is_main():   # the checkpoint holds the totals: rank 0 keeps them, the others restart at 0
             for t in self._rank_local_sums():
@@ -253,11 +263,24 @@ class Trainer:
         if isinstance(self.batches, DaliBatches):
             loss, _ = self.step_on_views(self.batches.next_views(), lr)   # this rank's share, from DALI
         else:
-            _, x = self.batches.next_batch()
-            loss, _ = self.train_step(x, lr)
+            loss, _ = self.step_on_views(self._memory_views(), lr)
         self.batches.advance()
         self.global_step += 1
         return loss
+
+    def _memory_views(self) -> list[torch.Tensor]:
+        """This rank's views of the current batch; with train.prefetch, the next batch's augmentation is enqueued
+        (on a side CUDA stream) before this step is, so the two can run side by side."""
+        b = self.batches
+
+        def make(pos: int):
+            return lambda: [distributed.shard(v) for v in self.views(b.batch(pos))]
+        if self.prefetcher is None:
+            return make(b.pos)()
+        views = self.prefetcher.take((b.epochs_started, b.pos), make(b.pos), b.generator)
+        if b.pos + 1 < b.steps_per_epoch:
+            self.prefetcher.prefetch((b.epochs_started, b.pos + 1), make(b.pos + 1), b.generator)
+        return views
 
     def run_steps(self, n: int, within_epoch: bool = False) -> int:
         """Up to n training steps at the schedule's learning rate, without logging, loss checks, end-of-epoch

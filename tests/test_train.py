@@ -49,17 +49,17 @@ def test_ctrl_c_and_sigterm_write_checkpoint(tmp_path, digits_small, monkeypatch
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     term_before, int_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     t = make_trainer(tmp_path, digits_small, "sig")
-    original = t.train_step
+    original = t.step_on_views
     calls = {"n": 0}
 
-    def step_then_interrupt(x, lr):
-        out = original(x, lr)
+    def step_then_interrupt(views, lr):
+        out = original(views, lr)
         calls["n"] += 1
         if calls["n"] == 4:
             signal.raise_signal(sig)               # Ctrl-C, or a scheduler's SIGTERM, during step 4
         return out
 
-    monkeypatch.setattr(t, "train_step", step_then_interrupt)
+    monkeypatch.setattr(t, "step_on_views", step_then_interrupt)
     summary = t.fit()
     assert summary["status"] == "interrupted" and summary["global_step"] == 4
     state = load_checkpoint(tmp_path / "sig")
@@ -71,13 +71,13 @@ def test_ctrl_c_and_sigterm_write_checkpoint(tmp_path, digits_small, monkeypatch
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_small, monkeypatch):
     t = make_trainer(tmp_path, digits_small, "nan")
-    original = t.train_step
+    original = t.step_on_views
 
-    def poisoned(x, lr):
-        loss, post = original(x, lr)
+    def poisoned(views, lr):
+        loss, post = original(views, lr)
         return (loss * float("nan") if t.epoch == 1 else loss), post
 
-    monkeypatch.setattr(t, "train_step", poisoned)
+    monkeypatch.setattr(t, "step_on_views", poisoned)
     with pytest.raises(NonFiniteLossError, match="NaN/inf"):
         t.fit()
     state = load_checkpoint(tmp_path / "nan")

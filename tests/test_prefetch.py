@@ -1,0 +1,44 @@
+"""train.prefetch: the next batch's views made while the step runs change nothing in the training."""
+import torch
+
+from test_train import assert_same_state, make_trainer
+from fastmice.prefetch import ViewPrefetcher
+from fastmice.train import Trainer
+
+
+def test_prefetch_on_and_off_train_identically(tmp_path, digits_small):
+    on = make_trainer(tmp_path, digits_small, "on")
+    off = make_trainer(tmp_path, digits_small, "off", **{"train.prefetch": "false"})
+    assert on.prefetcher is not None and off.prefetcher is None
+    on.fit()
+    off.fit()
+    assert_same_state(on, off)
+
+
+def test_resume_with_a_prefetched_batch_pending_equals_no_prefetch(tmp_path, digits_small):
+    """The checkpoint is written while step 14's views are already drawn: it must hold the generator state from
+    before them, so the resumed run draws them again."""
+    off = make_trainer(tmp_path, digits_small, "off", **{"train.prefetch": "false"})
+    off.fit()
+    part = make_trainer(tmp_path, digits_small, "part", **{"train.max_steps": 13})
+    part.fit()
+    assert part.prefetcher._ahead is not None                     # step 14's views, made ahead
+    resumed = Trainer.resume(tmp_path / "part", {"train": {"max_steps": None}}, digits_small)
+    resumed.fit()
+    assert_same_state(off, resumed)
+
+
+def test_a_prefetch_not_taken_puts_the_generator_back():
+    g = torch.Generator().manual_seed(0)
+    p = ViewPrefetcher(torch.device("cpu"))
+
+    def make():
+        return [torch.rand(3, generator=g)]
+    p.prefetch(("epoch", 1), make, g)
+    before = p.generator_state(g)
+    assert not torch.equal(before, g.get_state())                 # the prefetch drew from g
+    got = p.take(("epoch", 2), make, g)                           # another batch was asked for
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got[0], expected)                           # as if nothing had been prefetched
+    p.prefetch("k", make, g)
+    assert p.take("k", make, g) is not None and p._ahead is None
