@@ -49,6 +49,9 @@ train)
     --compile off --paths "$paths" "${data[@]}" --json "$OUT/bench_train_off.json"
   step bench_train_ro python bench/bench_train.py --device cuda --steps 60 --warmup 15 --paths fast \
     --compile reduce-overhead --json "$OUT/bench_train_reduce_overhead.json"
+  step bench_train_ro_noprefetch python bench/bench_train.py --device cuda --steps 60 --warmup 15 --paths fast \
+    --phases end_to_end --compile reduce-overhead --override train.prefetch=false \
+    --json "$OUT/bench_train_reduce_overhead_noprefetch.json"
   if have_cifar; then
     step tta python bench/time_to_accuracy.py --minutes 3 --data "$CIFAR" --compile reduce-overhead \
       --run-dir "$OUT/tta_run" --json "$OUT/tta.json"
