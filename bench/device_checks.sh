@@ -35,6 +35,8 @@ case "${1:-}" in
 kernels)
   step kernel_tests python -m pytest -q -m gpu tests/test_kernels.py -x
   step bench_kernels python bench/bench_kernels.py --json "$OUT/bench_kernels.json"
+  step microbench python -m pytest -q -m gpu tests/test_microbench.py --benchmark-enable \
+    --benchmark-json "$OUT/microbench.json"
   step bench_kmeans python bench/bench_kmeans.py --json "$OUT/bench_kmeans.json"
   if have_cifar; then data=(cifar10 --data.source=folder "--data.root=$CIFAR" "--data.splits=[test]"); \
   else data=(digits); fi
