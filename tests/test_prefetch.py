@@ -1,4 +1,5 @@
 """train.prefetch: the next batch's views made while the step runs change nothing in the training."""
+import pytest
 import torch
 
 from test_train import assert_same_state, make_trainer
@@ -42,3 +43,23 @@ def test_a_prefetch_not_taken_puts_the_generator_back():
     assert torch.equal(got[0], expected)                           # as if nothing had been prefetched
     p.prefetch("k", make, g)
     assert p.take("k", make, g) is not None and p._ahead is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefetched_views_on_the_side_stream_equal_views_made_in_line(tmp_path, digits_small):
+    """On CUDA the views come from the side stream: bit for bit those made in line, step after step."""
+    seen = {}
+    for name, prefetch in (("on", "true"), ("off", "false")):
+        t = make_trainer(tmp_path, digits_small, name, **{"train.prefetch": prefetch, "train.device": "cuda",
+                                                         "train.max_steps": 12})
+        original, seen[name] = t.step_on_views, []
+
+        def record(views, lr, original=original, out=seen[name]):
+            out.append([v.clone() for v in views])
+            return original(views, lr)
+        t.step_on_views = record
+        t.fit()
+    assert len(seen["on"]) == len(seen["off"]) == 12
+    for a, b in zip(seen["on"], seen["off"]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
