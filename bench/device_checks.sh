@@ -34,6 +34,8 @@ step() {   # step NAME COMMAND...: run, keep the log, go on after a failure (the
 case "${1:-}" in
 kernels)
   step kernel_tests python -m pytest -q -m gpu tests/test_kernels.py -x
+  step gpu_tests python -m pytest -q -m gpu tests/test_prefetch.py tests/test_fast_step.py tests/test_stream.py \
+    tests/test_dali.py
   step bench_kernels python bench/bench_kernels.py --json "$OUT/bench_kernels.json"
   step microbench python -m pytest -q -m gpu tests/test_microbench.py --benchmark-enable \
     --benchmark-json "$OUT/microbench.json"

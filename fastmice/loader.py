@@ -31,8 +31,11 @@ class DeviceBatches:
         self.perm: Tensor | None = None
         self.pos = 0
         self.epochs_started = 0                   # names the permutation (with pos: a batch) for prefetching
+        self.before_draw: Callable[[], None] | None = None   # called before the generator is drawn from or set
 
     def start_epoch(self) -> None:
+        if self.before_draw is not None:
+            self.before_draw()
         self.perm = torch.randperm(self.images.shape[0], device=self.images.device, generator=self.generator)
         self.pos = 0
         self.epochs_started += 1
@@ -64,6 +67,8 @@ class DeviceBatches:
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.before_draw is not None:
+            self.before_draw()
         if state.get("generator") is not None:
             self.generator.set_state(state["generator"])
         if "perm" not in state:   # saved by DaliBatches (data.loader changed): the epoch goes on in a new order

@@ -81,7 +81,10 @@ class Trainer:
                                        world=distributed.world())
         else:
             self.batches = DeviceBatches(self.dataset.images.to(self.device), cfg.optim.batch_size, gen)
-        self.prefetcher = ViewPrefetcher(self.device) if cfg.train.prefetch and self.loader == "memory" else None
+        self.prefetcher = None
+        if cfg.train.prefetch and self.loader == "memory":
+            self.prefetcher = ViewPrefetcher(self.device)
+            self.batches.before_draw = self._cancel_prefetch   # a new permutation or a loaded state
         self.mean = torch.tensor(cfg.data.mean, device=self.device)
         self.std = torch.tensor(cfg.data.std, device=self.device)
         self.epoch = 0
@@ -107,8 +110,6 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.prefetcher is not None:
-            self.prefetcher.drop()
         self.model.load_state_dict(state["model"])
         if not distributed.is_main():   # the checkpoint holds the totals: rank 0 keeps them, the others restart at 0
             for t in self._rank_local_sums():
@@ -174,7 +175,12 @@ class Trainer:
     # ---- one step -----------------------------------------------------------------------------------
     def views(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The method's independent augmentations of the same images (MiCE: x_f, x_v, x_g)."""
+        self._cancel_prefetch()
         return self._views_with(x, self.batches.generator)
+
+    def _cancel_prefetch(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.cancel(self.batches.generator)
 
     def _views_with(self, x: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         return [augment_batch(x, self.cfg.augment, self.crop_size, self.mean, self.std, generator=generator,
@@ -274,7 +280,7 @@ class Trainer:
         b = self.batches
 
         def make(pos: int):
-            return lambda: [distributed.shard(v) for v in self.views(b.batch(pos))]
+            return lambda: [distributed.shard(v) for v in self._views_with(b.batch(pos), b.generator)]
         if self.prefetcher is None:
             return make(b.pos)()
         views = self.prefetcher.take((b.epochs_started, b.pos), make(b.pos), b.generator)

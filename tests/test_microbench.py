@@ -97,6 +97,11 @@ def _augment(benchmark, device: str, B: int):
     out = benchmark(views)
     assert all(v.shape == (B, 3, 32, 32) and v.dtype == dtype and bool(torch.isfinite(v).all()) for v in out)
     assert abs(float(torch.stack(out).float().mean())) < 1.0        # normalised
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[1], out[2])   # independent views
+    gen.manual_seed(1)
+    first = views()
+    gen.manual_seed(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, views()))   # the generator alone decides
 
 
 def test_augment_cpu(benchmark):

@@ -29,6 +29,28 @@ def test_resume_with_a_prefetched_batch_pending_equals_no_prefetch(tmp_path, dig
     assert_same_state(off, resumed)
 
 
+@pytest.mark.parametrize("between", ["views", "start_epoch", "load_state"])
+def test_draws_outside_the_loop_cancel_a_pending_prefetch(tmp_path, digits_small, between):
+    """Views made outside the loop, a new permutation, a loaded state: each happens in the order it would have
+    without prefetching (the pending prefetch is undone first), so the training is the same."""
+    runs = {}
+    for name, prefetch in (("on", "true"), ("off", "false")):
+        t = make_trainer(tmp_path, digits_small, name, **{"train.prefetch": prefetch})
+        t.batches.start_epoch()
+        t.run_steps(3)
+        saved = t._batches_state()
+        if between == "views":
+            t.views(t.dataset.images[:8])
+        elif between == "start_epoch":
+            t.batches.start_epoch()
+        else:
+            t.run_steps(2)
+            t.batches.load_state_dict(saved)          # back to step 3: the same batches again
+        t.run_steps(4)
+        runs[name] = t
+    assert_same_state(runs["on"], runs["off"])
+
+
 def test_a_prefetch_not_taken_puts_the_generator_back():
     g = torch.Generator().manual_seed(0)
     p = ViewPrefetcher(torch.device("cpu"))
@@ -54,6 +76,12 @@ def test_prefetched_views_on_the_side_stream_equal_views_made_in_line(tmp_path, 
         t = make_trainer(tmp_path, digits_small, name, **{"train.prefetch": prefetch, "train.device": "cuda",
                                                          "train.max_steps": 12})
         original, seen[name] = t.step_on_views, []
+        views_with = t._views_with
+
+        def slow_views(x, generator, views_with=views_with):   # a slow side stream: a missing wait would show
+            torch.cuda._sleep(50_000_000)
+            return views_with(x, generator)
+        t._views_with = slow_views
 
         def record(views, lr, original=original, out=seen[name]):
             out.append([v.clone() for v in views])
