@@ -330,3 +330,13 @@ def test_switching_loader_on_resume_keeps_the_epoch(tmp_path, folder):
     assert r.fit()["global_step"] == 5 and r.batches.epoch == r.epoch == 2
     back = Trainer.resume(tmp_path / "sw", {"data": {"loader": "memory"}, "train": {"max_steps": 6}})
     assert back.loader == "memory" and back.fit()["global_step"] == 6
+
+
+def test_a_file_dali_cannot_decode_is_named(tmp_path, folder):
+    """A file damaged after the folder was listed (during a long run): training stops with an error that names
+    it, instead of DALI's, which names only the operator."""
+    from fastmice.train import Trainer
+    t = Trainer(dali_cfg(tmp_path, folder, "bad", **{"optim.batch_size": 8}), tmp_path / "bad")
+    (folder / "class2" / "007.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    with pytest.raises(DataError, match=r"DALI could not read a batch.*class2/007\.jpg.*then resume"):
+        t.fit()

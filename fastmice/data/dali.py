@@ -298,6 +298,11 @@ class DaliLoader:
         self._run = 0                               # pipeline runs done in the current epoch
         self.files: list[str] | None = None
         self.class_names: list[str] | None = None
+        # An unshuffled file reader: its list, where this shard starts in it, and DALI's prefetch depth, so that a
+        # failed run can be traced to the files it was reading.
+        self.reader_files: list[str] | None = None
+        self._reader_lo = 0
+        self._prefetch = 0
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -328,13 +333,40 @@ class DaliLoader:
 
     def __iter__(self):
         while self._run < self._runs_per_epoch:
-            outs = self.pipe.run()
+            try:
+                outs = self.pipe.run()
+            except RuntimeError as e:
+                raise self._read_error(e) from e
             r = self._run
             self._run += 1
             if r < self.steps_per_epoch:        # later runs: DALI's padding batches, skipped
                 yield self._convert(outs, self.batch_size if r < self.steps_per_epoch - 1 else self._last_valid)
         self._run = 0
         self.epoch += 1
+
+    def _read_error(self, error: RuntimeError) -> Exception:
+        """A failed pipeline run, as an error that names the files: DALI's says which operator failed, not which
+        file. The candidates are the files of the batches DALI was working on (this one and those prefetched);
+        the ones Pillow cannot decode either are named, else all of them are."""
+        from fastmice.data.folder import _decode
+        from fastmice.data.sources import DataError
+
+        if self.reader_files is None:   # in-memory data or a shuffled reader: no file to name
+            return error
+        start = self._reader_lo + self._run * self.batch_size
+        window = self.reader_files[start:start + (self._prefetch + 1) * self.batch_size]
+        bad = []
+        for path in window:
+            try:
+                _decode(path, None)
+            except Exception as e:  # noqa: BLE001 - Pillow raises many types for malformed files
+                bad.append(f"{path} ({type(e).__name__}: {e})")
+        where = ("cannot be decoded: " + "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+                 if bad else f"is one of these {len(window)} files, which Pillow decodes: {window[0]} ... "
+                             f"{window[-1]}")
+        first_line = next((ln for ln in str(error).splitlines() if ln.strip() and "Critical" not in ln), "")
+        return DataError(f"DALI could not read a batch ({first_line.strip()}); the culprit {where}. Remove or "
+                         f"replace it (`fastmice data check folder ROOT` lists unreadable files), then resume.")
 
     def close(self) -> None:
         """Release the pipeline (threads, GPU buffers)."""
@@ -429,6 +461,8 @@ def dali_file_loader(
                         runs_per_epoch=runs, last_valid=last_valid, device=_device_for(device_id),
                         out_dtype=out_dtype, channels_last=channels_last, labels=label_t)
     loader.files, loader.class_names = file_list, class_names
+    if not shuffle:
+        loader.reader_files, loader._reader_lo, loader._prefetch = reader_kw["files"], n * shard_id // num_shards, prefetch
     return loader
 
 
