@@ -384,8 +384,12 @@ def _normalize(img: Tensor, mean, std, out_dtype: torch.dtype, channels_last: bo
 def augment_batch(
     x: Tensor, cfg: AugmentConfig, out_size: int, mean: Tensor | Sequence[float], std: Tensor | Sequence[float],
     generator: torch.Generator | None = None, out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
+    rows: slice | None = None,
 ) -> Tensor:
     """One augmented view of a (B, 3, H, W) uint8 batch -> (B, 3, out_size, out_size) normalised out_dtype.
+
+    rows: augment and return only these rows (a process's share of a global batch), with the random draws of
+    the whole batch, so they equal the same rows of the whole batch's views at a fraction of the work.
 
     mean/std are on the [0, 1] scale (e.g. CIFAR-10 (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616)).
     All randomness comes from `generator`, always in the same amount for a given B, so the config never
@@ -414,18 +418,20 @@ def augment_batch(
     cfg.validate()
     if not isinstance(out_size, int) or out_size < 1:
         raise ValueError(f"out_size must be a positive int, got {out_size!r}")
-    img = _to_unit_float(x)                                               # (B, 3, H, W) float32 in [0, 1]
-    B, _, H, W = img.shape
-    device = img.device
+    B, _, H, W = x.shape
+    device = x.device
+    part = rows if rows is not None else slice(None)
+    img = _to_unit_float(x[part])                                         # (b, 3, H, W) float32 in [0, 1]
 
-    # Draw every random quantity up front, in a fixed order and amount.
-    top, left, h, w = sample_crop_boxes(B, H, W, cfg.crop_scale, cfg.crop_ratio, generator, device=device)
-    coins = _rand((B, 4), generator, device)                             # flip, grayscale, blur, sigma
+    # Draw every random quantity up front for the whole batch, in a fixed order and amount; keep `rows`'.
+    top, left, h, w = (t[part] for t in
+                       sample_crop_boxes(B, H, W, cfg.crop_scale, cfg.crop_ratio, generator, device=device))
+    coins = _rand((B, 4), generator, device)[part]                       # flip, grayscale, blur, sigma
     flip = coins[:, 0] < cfg.flip_p       # folded into the crop: colour ops are per pixel, so flip order is free
-    gray_on = (coins[:, 1] < cfg.grayscale_p).view(B, 1, 1, 1)
-    blur_on = (coins[:, 2] < cfg.blur_p).view(B, 1, 1, 1)
+    gray_on = (coins[:, 1] < cfg.grayscale_p).view(-1, 1, 1, 1)
+    blur_on = (coins[:, 2] < cfg.blur_p).view(-1, 1, 1, 1)
     sigma = _BLUR_SIGMA[0] + (_BLUR_SIGMA[1] - _BLUR_SIGMA[0]) * coins[:, 3]
-    factors, perm = _sample_jitter(B, cfg, generator, device)
+    factors, perm = (t[part] for t in _sample_jitter(B, cfg, generator, device))
 
     img = _resized_crop(img, top, left, h, w, flip, out_size)             # (B, 3, S, S)
 
@@ -447,7 +453,8 @@ def augment_batch(
             img = torch.where(blur_on, _gaussian_blur(img, sigma, k), img)
     if cfg.randaugment_ops > 0:            # its draws come after all of the above: off leaves the stream as is
         from fastmice.randaugment import rand_augment   # here: fastmice.randaugment imports this module
-        img = rand_augment(img, cfg.randaugment_ops, cfg.randaugment_magnitude, generator, num_bins=_RA_BINS)
+        img = rand_augment(img, cfg.randaugment_ops, cfg.randaugment_magnitude, generator, num_bins=_RA_BINS,
+                           rows=(B, part))
     return _normalize(img, mean, std, out_dtype, channels_last)
 
 

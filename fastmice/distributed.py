@@ -103,6 +103,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def shard_rows(n: int) -> slice | None:
+    """This rank's rows of a global batch of n: [rank * n/W, (rank + 1) * n/W); None in one process."""
+    if not active():
+        return None
+    b = n // world()
+    return slice(rank() * b, (rank() + 1) * b)
+
+
 def shard(x: Tensor) -> Tensor:
     """This rank's rows of a global batch (B, ...): rows [rank * B/W, (rank + 1) * B/W)."""
     if not active():

@@ -188,9 +188,10 @@ def sample_ops(B: int, num_ops: int, generator: torch.Generator | None, device: 
 
 
 def rand_augment(img: Tensor, num_ops: int, magnitude: int, generator: torch.Generator | None,
-                 num_bins: int = 31) -> Tensor:
+                 num_bins: int = 31, rows: tuple[int, slice] | None = None) -> Tensor:
     """torchvision's RandAugment(num_ops, magnitude, num_magnitude_bins=num_bins) on a batch:
-    img (B, 3, H, W) float in [0, 1] -> same shape, each sample with its own ops and signs."""
+    img (B, 3, H, W) float in [0, 1] -> same shape, each sample with its own ops and signs.
+    rows=(total, slice): img holds those rows of a batch of `total`; the ops are drawn for all of it."""
     if img.dim() != 4 or img.shape[1] != 3 or not img.is_floating_point():
         raise ValueError(f"images must be float (B, 3, H, W) in [0, 1], got {img.dtype} {tuple(img.shape)}")
     if isinstance(num_ops, bool) or not isinstance(num_ops, int) or num_ops < 0:
@@ -201,7 +202,9 @@ def rand_augment(img: Tensor, num_ops: int, magnitude: int, generator: torch.Gen
         raise ValueError(f"magnitude must be an int in 0..{num_bins - 1}, got {magnitude!r}")
     if num_ops == 0:
         return img
-    op, negate = sample_ops(img.shape[0], num_ops, generator, img.device)  # (B, num_ops) each
+    total, part = rows if rows is not None else (img.shape[0], slice(None))
+    op, negate = sample_ops(total, num_ops, generator, img.device)  # (total, num_ops) each
+    op, negate = op[part], negate[part]
     for k in range(num_ops):
         img = apply_ops(img, op[:, k], negate[:, k], magnitude, num_bins)
     return img

@@ -182,17 +182,26 @@ class Trainer:
         if self.prefetcher is not None:
             self.prefetcher.cancel(self.batches.generator)
 
-    def _views_with(self, x: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    def _views_with(self, x: torch.Tensor, generator: torch.Generator, rows: slice | None = None
+                    ) -> list[torch.Tensor]:
         return [augment_batch(x, self.cfg.augment, self.crop_size, self.mean, self.std, generator=generator,
-                              out_dtype=self.precision.view_dtype, channels_last=self.precision.channels_last)
+                              out_dtype=self.precision.view_dtype, channels_last=self.precision.channels_last,
+                              rows=rows)
                 for _ in range(self.model.num_views)]
+
+    def _shard_views(self, x: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """This process's share of the global batch x's views: the draws of the whole batch (the same stream as
+        in one process), the work for its rows only."""
+        return self._views_with(x, generator, distributed.shard_rows(x.shape[0]))
 
     def train_step(self, x: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One step on uint8 images x; returns (loss, posterior or None) as device tensors.
 
-        Several processes: x is the global batch, augmented alike on every rank (one random stream, as in one
-        process); each rank trains on its share of the views and the loss returned is this rank's."""
-        views = [distributed.shard(v) for v in self.views(x)]
+        Several processes: x is the global batch; every rank draws the random parameters of all of it (one
+        random stream, as in one process) and augments and trains on its share; the loss returned is this
+        rank's."""
+        self._cancel_prefetch()
+        views = self._shard_views(x, self.batches.generator)
         return self.step_on_views(views, lr)
 
     def step_on_views(self, views: list[torch.Tensor], lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -280,7 +289,7 @@ class Trainer:
         b = self.batches
 
         def make(pos: int):
-            return lambda: [distributed.shard(v) for v in self._views_with(b.batch(pos), b.generator)]
+            return lambda: self._shard_views(b.batch(pos), b.generator)
         if self.prefetcher is None:
             return make(b.pos)()
         views = self.prefetcher.take((b.epochs_started, b.pos), make(b.pos), b.generator)
@@ -304,40 +313,9 @@ class Trainer:
         return done
 
     def profile(self, steps: int = 10, warmup: int = 3) -> Path:
-        """`fastmice train --profile`: `warmup` steps (compiling, if train.compile is on), then `steps` steps
-        under torch.profiler (CPU, and CUDA where available). Writes RUN/profile/trace.json (a Chrome trace:
-        chrome://tracing or https://ui.perfetto.dev) and RUN/profile/top_ops.txt (the operators by self time);
-        returns the folder. Training state is not checkpointed: a profile is for looking, not for keeping."""
-        from torch.profiler import ProfilerActivity, profile, record_function
-
-        if steps < 1 or warmup < 0:
-            raise ValueError(f"profile needs steps >= 1 and warmup >= 0, got {steps}, {warmup}")
-        out = self.run_dir / "profile"
-        out.mkdir(parents=True, exist_ok=True)
-        self.run_steps(warmup)
-        self._sync_time()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        with profile(activities=activities, record_shapes=True) as prof:
-            for _ in range(steps):
-                with record_function("fastmice_step"):
-                    self.run_steps(1)
-            self._sync_time()
-        prof.export_chrome_trace(str(out / "trace.json"))
-        averages = prof.key_averages()
-        tables = [("self CPU time", "self_cpu_time_total")]
-        if self.device.type == "cuda":
-            tables.insert(0, ("self CUDA time", "self_device_time_total"))
-        text = [f"fastmice profile: {steps} steps after {warmup} warm-up steps; device {self.device}; "
-                f"batch {self.cfg.optim.batch_size}; train.compile={self.cfg.train.compile}; "
-                f"amp {self.precision.view_dtype}; channels_last {self.precision.channels_last}\n"]
-        for title, key in tables:
-            try:
-                table = averages.table(sort_by=key, row_limit=40)
-            except (KeyError, AttributeError, ValueError):   # the device key's older name
-                table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
-            text.append(f"== operators by {title} ==\n{table}\n")
-        (out / "top_ops.txt").write_text("\n".join(text))
-        return out
+        """`fastmice train --profile`: a torch.profiler trace of `steps` steps after `warmup` (fastmice.profiling)."""
+        from fastmice.profiling import profile_steps
+        return profile_steps(self, steps, warmup)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _request_stop(self, signum, frame) -> None:  # first signal: finish the step, checkpoint, exit
@@ -455,7 +433,7 @@ class Trainer:
             start = model.mu.detach().clone()
             perm = torch.randperm(images.shape[0], device=self.device, generator=gen)
             for i in range(images.shape[0] // bs):
-                views = [distributed.shard(v) for v in self._views_with(images[perm[i * bs:(i + 1) * bs]], gen)]
+                views = self._shard_views(images[perm[i * bs:(i + 1) * bs]], gen)
                 with self.precision.autocast():
                     loss = model.mu_only_loss(*views)
                 opt.zero_grad(set_to_none=True)

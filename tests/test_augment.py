@@ -437,3 +437,21 @@ def test_config_lists_become_tuples():
 def test_augment_batch_argument_errors(x, out_size, mean, std, match):
     with pytest.raises(ValueError, match=match):
         augment_batch(x, MOCO_V1, out_size, mean, std, gen())
+
+
+@pytest.mark.parametrize("recipe", ["moco", "simclr", "randaugment"])
+@pytest.mark.parametrize("rows", [slice(0, 12), slice(8, 16), slice(20, 24)])
+def test_rows_are_those_of_the_whole_batch(recipe, rows):
+    """A process's share (rows=...): the same pixels as those rows of the whole batch's views, and the generator
+    ends where the whole batch leaves it (the next views stay in step)."""
+    import dataclasses
+
+    from fastmice.augment import MOCO_V1, SIMCLR
+    cfg = {"moco": MOCO_V1, "simclr": SIMCLR,
+           "randaugment": dataclasses.replace(SIMCLR, randaugment_ops=2, randaugment_magnitude=9)}[recipe]
+    x = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    g_full, g_part = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    full = augment_batch(x, cfg, 24, (0.5,) * 3, (0.25,) * 3, generator=g_full)
+    part = augment_batch(x, cfg, 24, (0.5,) * 3, (0.25,) * 3, generator=g_part, rows=rows)
+    assert part.shape[0] == rows.stop - rows.start and torch.equal(full[rows], part)
+    assert torch.equal(g_full.get_state(), g_part.get_state())

@@ -13,7 +13,7 @@ the benchmark of record for bench/RESULTS.md; these are for quick comparisons an
 import pytest
 import torch
 
-from conftest import REPO  # noqa: F401  (conftest sets the thread count)
+import conftest  # noqa: F401  (sets the thread count)
 from fastmice.augment import MOCO_V1, augment_batch
 from fastmice.kmeans import spherical_kmeans
 from fastmice.loss import mice_elbo_reference

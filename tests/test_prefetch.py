@@ -78,9 +78,9 @@ def test_prefetched_views_on_the_side_stream_equal_views_made_in_line(tmp_path, 
         original, seen[name] = t.step_on_views, []
         views_with = t._views_with
 
-        def slow_views(x, generator, views_with=views_with):   # a slow side stream: a missing wait would show
-            torch.cuda._sleep(50_000_000)
-            return views_with(x, generator)
+        def slow_views(x, generator, rows=None, views_with=views_with):   # a slow side stream: a missing wait
+            torch.cuda._sleep(50_000_000)                                # would show
+            return views_with(x, generator, rows)
         t._views_with = slow_views
 
         def record(views, lr, original=original, out=seen[name]):
