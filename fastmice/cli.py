@@ -64,7 +64,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     ds = trainer.dataset
     print(f"data: {ds.name}, {len(ds)} images of {trainer.image_size}px"
           + (f", {len(ds.skipped)} unreadable skipped" if ds.skipped else "")
-          + f"; device {trainer.device}; {trainer.batches.steps_per_epoch} steps per epoch")
+          + f"; device {trainer.device}; {trainer.batches.steps_per_epoch} steps per epoch; "
+          + ("read by DALI every epoch (data.loader=dali)" if trainer.loader == "dali" else
+             "held in memory (data.loader=memory)"))
     if args.profile is not None:
         if args.profile < 1:
             raise ValueError(f"--profile N needs N >= 1 steps, got {args.profile}")
