@@ -26,28 +26,15 @@ from fastmice.metrics import cluster_metrics, cluster_sizes, confusion_matrix
 READOUTS = ("posterior", "gating", "kmeans")
 
 
-def _batches(images: Any, bs: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """images[i:i+bs] in order. Files decoded on demand (FileImages): by DALI where it is installed (nvJPEG on a
-    GPU, and the training pipeline's resize, so evaluation sees the pixels training saw), else by Pillow, the
-    next batch decoding in a thread while the model runs on this one."""
+def _batches(images: Any, bs: int) -> Iterator[torch.Tensor]:
+    """images[i:i+bs] in order. Files decoded on demand (FileImages): the next batch decodes in a thread while
+    the model runs on this one."""
+    starts = range(0, images.shape[0], bs)
     if isinstance(images, torch.Tensor):
-        yield from (images[s:s + bs] for s in range(0, images.shape[0], bs))
+        yield from (images[s:s + bs] for s in starts)
         return
-    from fastmice.data.dali import dali_available, dali_decoded_batches, dali_device_id
-
-    done = 0
-    if dali_available():
-        try:
-            for x in dali_decoded_batches(images.paths, bs, images.size, dali_device_id(device),
-                                          images.num_workers):
-                yield x
-                done += x.shape[0]
-            return
-        except RuntimeError:   # a file DALI cannot decode: from here on Pillow reads the files, or names it
-            pass
-    starts = range(done, images.shape[0], bs)
     with ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(images.__getitem__, slice(done, done + bs))
+        ahead = pool.submit(images.__getitem__, slice(0, bs))
         for s in starts:
             x = ahead.result()
             if s + bs < images.shape[0]:
@@ -68,7 +55,7 @@ def infer_dataset(model: torch.nn.Module, images: torch.Tensor, cfg: Config, dev
     std = torch.tensor(cfg.data.std, device=device)
     outs: dict[str, list[torch.Tensor]] = {}
     bs = cfg.eval.batch_size
-    for x in tqdm(_batches(images, bs, device), total=-(-images.shape[0] // bs), desc="evaluating",
+    for x in tqdm(_batches(images, bs), total=-(-images.shape[0] // bs), desc="evaluating",
                   disable=not progress, leave=False):
         x = x.to(device, non_blocking=True)
         x = normalize_batch(x, mean, std, out_size=crop_size, channels_last=channels_last)

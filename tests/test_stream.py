@@ -341,18 +341,3 @@ def test_a_file_dali_cannot_decode_is_named(tmp_path, folder):
     with pytest.raises(DataError, match=r"DALI could not read a batch.*class2/007\.jpg.*then resume"):
         t.fit()
 
-
-def test_evaluation_reads_a_streamed_folder_through_dali(tmp_path, folder, monkeypatch):
-    """Evaluation decodes a streamed folder with DALI (the training pipeline's pixels); at the files' own size
-    those are Pillow's exactly; a file DALI cannot decode hands over to Pillow, which names it."""
-    from fastmice.evaluate import _batches
-    lazy = stream_image_folder(folder, progress=False)             # 72 files of 20 px
-    via_dali = list(_batches(lazy.images, 32, torch.device("cpu")))
-    assert [b.shape[0] for b in via_dali] == [32, 32, 8]
-    monkeypatch.setattr("fastmice.data.dali.dali_available", lambda: False)
-    via_pil = list(_batches(lazy.images, 32, torch.device("cpu")))
-    assert all(torch.equal(a, b) for a, b in zip(via_dali, via_pil))
-    monkeypatch.undo()
-    (folder / "class1" / "010.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
-    with pytest.raises(DataError, match=r"class1/010\.jpg"):
-        list(_batches(lazy.images, 32, torch.device("cpu")))

@@ -104,7 +104,7 @@ from torch import Tensor
 
 from fastmice.augment import MOCO_V1, AugmentConfig
 
-__all__ = ["DaliBatch", "DaliLoader", "dali_available", "dali_decoded_batches", "dali_device_id", "dali_file_loader", "dali_memory_loader",
+__all__ = ["DaliBatch", "DaliLoader", "dali_available", "dali_device_id", "dali_file_loader", "dali_memory_loader",
            "build_views", "blur_kernel_size", "COLOR_MODES", "INSTALL_HINT"]
 
 INSTALL_HINT = "pip install nvidia-dali-cuda130   (or: pip install 'fastmice[dali]')"
@@ -470,32 +470,6 @@ def _decode_square(fn, types, encoded, device_id: int | None, image_size: int | 
         images = fn.resize(images, resize_shorter=image_size, antialias=True)
         images = fn.crop(images, crop=[image_size, image_size])   # centred (crop_pos 0.5)
     return images
-
-
-def dali_decoded_batches(files: Sequence[str], batch_size: int, image_size: int, device_id: int | None = 0,
-                         num_threads: int = 4):
-    """The files in order as uint8 (b, 3, S, S) tensors, decoded and resized as dali_file_loader's
-    ``image_size`` does (the training pipeline's pixels), on GPU ``device_id`` (None: the CPU); the last batch
-    is shorter. For evaluating a folder streamed from disk."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-    dali, fn, types, _ = _dali()
-    n = len(files)
-    pipe = dali.Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
-                         prefetch_queue_depth=2)
-    with pipe:
-        encoded, _ = fn.readers.file(files=list(files), labels=list(range(n)), pad_last_batch=True,
-                                     stick_to_shard=True, name="Reader")
-        pipe.set_outputs(_decode_square(fn, types, encoded, device_id, image_size))
-    pipe.build()
-    device = _device_for(device_id)
-    try:
-        for start in range(0, n, batch_size):
-            t = pipe.run()[0].as_tensor()                                    # (batch_size, S, S, 3) uint8
-            out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
-            yield out[:min(batch_size, n - start)].permute(0, 3, 1, 2)
-    finally:
-        del pipe
 
 
 class _MemorySource:

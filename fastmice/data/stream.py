@@ -7,11 +7,11 @@ and nothing holds the whole dataset. Evaluation, reports and prediction still in
 (N, 3, S, S) uint8 tensor and decodes only the rows asked for (a batch, a cluster's thumbnails), with
 the in-memory reader's preprocessing (shorter side to S, centre crop).
 
-Evaluation reads the files in order through DALI where it is installed (fastmice.evaluate), with the
-training pipeline's decode and resize, so it sees the pixels training saw. Indexing (thumbnails, Pillow without
-DALI) uses the in-memory reader's Pillow resize: the same geometry, both bilinear and antialiased, but not
-the same pixels when images are resized (on CIFAR-10 resized 32 -> 16 they differ by 4.5 of 255 on average);
-at the files' own size DALI and Pillow decode the same pixels.
+When images must be resized (data.image_size differs from the files'), training sees DALI's resize and
+evaluation PIL's (the in-memory reader's): both bilinear and antialiased, the same geometry, but not the same
+pixels (on CIFAR-10 resized 32 -> 16 they differ by 4.4 of 255 on average). At the files' own size both
+decoders give the same pixels. (Evaluation does not read through DALI: DALI 2.4's CPU decoder was seen to crash
+the process, not raise, on a broken file in a later batch; Pillow names the file instead.)
 
 Corrupt files are found when the folder is listed, by reading each file's header in a thread pool (the
 same ``data.on_corrupt`` rule as the in-memory reader); a file whose header reads but whose body is broken
