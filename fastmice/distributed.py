@@ -148,6 +148,21 @@ def gather_cat(x: Tensor) -> Tensor:
     return _GatherCat.apply(x)
 
 
+def gather_uneven(x: Tensor, n: int) -> Tensor:
+    """Each rank's rows [n*r//W, n*(r+1)//W) of an n-row result -> all n rows in order on every rank (padded to
+    one size for all_gather, then cut); the identity in one process. Not differentiable."""
+    if not active():
+        return x
+    w = world()
+    sizes = [n * (r + 1) // w - n * r // w for r in range(w)]
+    pad = max(sizes)
+    padded = torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
 def all_reduce_sum_(x: Tensor) -> Tensor:
     """Sum x over the ranks in place (identity in one process); returns x."""
     if active():

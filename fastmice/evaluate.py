@@ -45,9 +45,10 @@ def _batches(images: Any, bs: int) -> Iterator[torch.Tensor]:
 @torch.no_grad()
 def infer_dataset(model: torch.nn.Module, images: torch.Tensor, cfg: Config, device: torch.device,
                   crop_size: int, autocast=None, channels_last: bool = False,
-                  progress: bool = False) -> dict[str, torch.Tensor]:
+                  progress: bool = False, sharded: bool = False) -> dict[str, torch.Tensor]:
     """Run model.infer over uint8 images (N, 3, H, W) (a tensor, or FileImages) in batches; outputs stay on
-    `device`."""
+    `device`. sharded (several processes, every one calling this): each infers its 1/W of the rows and every
+    one gets all N outputs, in order."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -55,6 +56,11 @@ def infer_dataset(model: torch.nn.Module, images: torch.Tensor, cfg: Config, dev
     std = torch.tensor(cfg.data.std, device=device)
     outs: dict[str, list[torch.Tensor]] = {}
     bs = cfg.eval.batch_size
+    n = images.shape[0]
+    sharded = sharded and distributed.active() and n >= distributed.world()
+    if sharded:   # this process's rows; the others' are gathered at the end
+        lo, hi = n * distributed.rank() // distributed.world(), n * (distributed.rank() + 1) // distributed.world()
+        images = images[lo:hi] if isinstance(images, torch.Tensor) else images.take(slice(lo, hi))
     for x in tqdm(_batches(images, bs), total=-(-images.shape[0] // bs), desc="evaluating",
                   disable=not progress, leave=False):
         x = x.to(device, non_blocking=True)
@@ -63,7 +69,10 @@ def infer_dataset(model: torch.nn.Module, images: torch.Tensor, cfg: Config, dev
             out = model.infer(x)
         for k, v in out.items():
             outs.setdefault(k, []).append(v.float())
-    return {k: torch.cat(v) for k, v in outs.items()}
+    result = {k: torch.cat(v) for k, v in outs.items()}
+    if sharded:
+        result = {k: distributed.gather_uneven(v, n) for k, v in result.items()}
+    return result
 
 
 def _kmeans(x: torch.Tensor, k: int, cfg: Config, **kw) -> np.ndarray:
@@ -115,11 +124,12 @@ def evaluate_model(model: torch.nn.Module, dataset: ImageDataset, cfg: Config, d
     """Evaluate, write eval.json, assignments.csv and the PNGs into run_dir; return the results."""
     from fastmice.plots import plot_cluster_sizes, plot_confusion
 
-    if not distributed.is_main():  # several processes (torchrun): rank 0 alone evaluates and writes
+    # Several processes (torchrun): each infers its share of the images, rank 0 alone evaluates and writes.
+    out = infer_dataset(model, dataset.images, cfg, device, crop_size, autocast, channels_last,
+                        progress=cfg.train.progress and distributed.is_main(), sharded=True)
+    if not distributed.is_main():
         return {"method": cfg.method, "readouts": {}, "skipped": "evaluated on rank 0"}
     k = cfg.model.num_clusters
-    out = infer_dataset(model, dataset.images, cfg, device, crop_size, autocast, channels_last,
-                        progress=cfg.train.progress)
     preds = predictions(out, k, cfg)
     primary = next(iter(preds))
     confidence = confidences(out)

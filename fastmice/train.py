@@ -458,9 +458,10 @@ class Trainer:
             "samples_per_s": steps * self.cfg.optim.batch_size / max(seconds, 1e-9),
             "epoch_seconds": seconds, **extra, **mu_sgd})
         every = self.cfg.eval.probe_every
-        if every and self.epoch % every == 0 and self.dataset.labels is not None and distributed.is_main():
-            self._write_metrics({"type": "eval", "epoch": self.epoch, "step": self.global_step,
-                                 **self.quick_eval()})
+        if every and self.epoch % every == 0 and self.dataset.labels is not None:
+            result = self.quick_eval()      # every process infers its share; rank 0 scores and writes
+            if distributed.is_main():
+                self._write_metrics({"type": "eval", "epoch": self.epoch, "step": self.global_step, **result})
         every = self.cfg.eval.embed_every
         if every and (self.epoch == 1 or self.epoch % every == 0 or self.epoch == self.cfg.optim.epochs):
             self.save_embeddings()
@@ -489,12 +490,15 @@ class Trainer:
         return path
 
     def quick_eval(self) -> dict[str, Any]:
-        """ACC/NMI/ARI of every readout and the linear probe, without writing files (eval.probe_every)."""
+        """ACC/NMI/ARI of every readout and the linear probe, without writing files (eval.probe_every). Several
+        processes: all call it and infer their share of the images; rank 0 gets the scores, the others {}."""
         from fastmice.evaluate import infer_dataset, linear_probe, predictions
         from fastmice.metrics import cluster_metrics
 
         out = infer_dataset(self.model, self.dataset.images, self.cfg, self.device, self.crop_size,
-                            self.precision.autocast, self.precision.channels_last)
+                            self.precision.autocast, self.precision.channels_last, sharded=True)
+        if not distributed.is_main():
+            return {}
         labels = self.dataset.labels.numpy()
         result = {name: {m: float(v) for m, v in cluster_metrics(labels, pred).items()}
                   for name, pred in predictions(out, self.cfg.model.num_clusters, self.cfg).items()}

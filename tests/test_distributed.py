@@ -33,7 +33,7 @@ RUNS = {
     "moco": {"method": "moco", "train.max_steps": 1, "train.shuffle_bn": "false"},   # unused params, no shuffle
     "simclr": {"method": "simclr", "train.max_steps": 1},                   # NT-Xent with gathered negatives
     "mixem": {"method": "mixem", "train.max_steps": 1},                      # + mixture terms on the global batch
-    "part": {"train.max_steps": 12},                                          # 1.2 epochs: mu all-reduced, resumed
+    "part": {"train.max_steps": 12, "eval.probe_every": 1},     # 1.2 epochs: mu all-reduced, probed, resumed
 }
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -72,6 +72,11 @@ def _worker(rank: int, world: int, port: int, tmp) -> None:
     out = tmp / "two" if rank == 0 else tmp / "rank1"
     for name, extra in RUNS.items():
         make(out, name, ds, **extra).fit()
+    # Evaluation's inference, sharded over the 2 processes, on an odd number of images (uneven shares).
+    from fastmice.evaluate import infer_dataset
+    t = make(out, "infer", ds)
+    got = infer_dataset(t.model, load_digits(8).images[:301], t.cfg, t.device, t.crop_size, sharded=True)
+    torch.save(got, tmp / f"sharded_infer_rank{rank}.pt")
     distributed.cleanup()
 
 
@@ -125,6 +130,13 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_runs, digits_small, tm
     records = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     sizes = [r["cluster_sizes"] for r in records if r["type"] == "epoch"]
     assert len(sizes) == 1 and sum(sizes[0]) == 320                 # epoch 1 counted every rank's samples
+
+
+def test_the_epoch_probe_runs_on_two_processes(two_rank_runs):
+    """eval.probe_every under 2 processes: both infer their share, rank 0 writes the scores."""
+    records = [json.loads(x) for x in (two_rank_runs / "two" / "part" / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in records if r["type"] == "eval"]
+    assert len(probes) == 1 and probes[0]["epoch"] == 1 and 0 <= probes[0]["posterior"]["acc"] <= 1
 
 
 def test_only_rank_zero_writes(two_rank_runs):
@@ -182,3 +194,16 @@ def test_batch_must_split_over_the_ranks(tmp_path, monkeypatch):
     cfg = load_config("digits", tiny_overrides(tmp_path))
     with pytest.raises(ValueError, match="must split evenly over the 3 processes"):
         Trainer(cfg, tmp_path / "x", small_digits())
+
+
+def test_sharded_inference_equals_one_process(two_rank_runs, tmp_path):
+    """Each of 2 processes infers its share of 301 images; both get all 301 outputs, those of one process."""
+    from fastmice.evaluate import infer_dataset
+    t = make(tmp_path, "infer", small_digits())
+    want = infer_dataset(t.model, load_digits(8).images[:301], t.cfg, t.device, t.crop_size)
+    for rank in range(2):
+        got = torch.load(two_rank_runs / f"sharded_infer_rank{rank}.pt")
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].shape == want[k].shape
+            torch.testing.assert_close(got[k], want[k], **TOL)
