@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Rank 0 alone evaluates (eval.probe_every) and writes checkpoints while the others wait in their next
-# collective; NCCL's default 10-minute timeout could be too short for a linear probe on a large dataset.
+# Rank 0 alone scores evaluations (k-means, the linear probe of eval.probe_every) and writes checkpoints while
+# the others wait in their next collective; NCCL's default 10-minute timeout could be too short on a large dataset.
 TIMEOUT = timedelta(minutes=30)
 
 _builtin_print = builtins.print
