@@ -25,6 +25,9 @@ The papers' protocols (README, "Reproducing the papers"):
 
 Speed: --train.compile=reduce-overhead (torch.compile of the whole forward), --model.single_pass=true,
 --optim.impl=fused; `fastmice train cifar10 ... --profile` writes a torch.profiler trace of 10 steps.
+
+Data too big for memory: --data.loader=dali reads the files through NVIDIA DALI every epoch (nvJPEG on the
+GPU); the default, auto, does so for a folder whose decoded images exceed --data.memory_limit_gb (16).
 """
 
 
