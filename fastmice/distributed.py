@@ -113,10 +113,14 @@ def shard_rows(n: int) -> slice | None:
 
 def shard(x: Tensor) -> Tensor:
     """This rank's rows of a global batch (B, ...): rows [rank * B/W, (rank + 1) * B/W)."""
-    if not active():
-        return x
-    b = x.shape[0] // world()
-    return x[rank() * b:(rank() + 1) * b]
+    rows = shard_rows(x.shape[0])
+    return x if rows is None else x[rows]
+
+
+def uneven_rows(n: int, r: int | None = None) -> slice:
+    """Rank r's (default: this rank's) rows [n*r//W, n*(r+1)//W) of n, which need not split evenly."""
+    r, w = rank() if r is None else r, world()
+    return slice(n * r // w, n * (r + 1) // w)
 
 
 class _GatherCat(torch.autograd.Function):
@@ -154,7 +158,7 @@ def gather_uneven(x: Tensor, n: int) -> Tensor:
     if not active():
         return x
     w = world()
-    sizes = [n * (r + 1) // w - n * r // w for r in range(w)]
+    sizes = [len(range(n)[uneven_rows(n, r)]) for r in range(w)]
     pad = max(sizes)
     padded = torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[:x.shape[0]] = x

@@ -59,8 +59,8 @@ def infer_dataset(model: torch.nn.Module, images: torch.Tensor, cfg: Config, dev
     n = images.shape[0]
     sharded = sharded and distributed.active() and n >= distributed.world()
     if sharded:   # this process's rows; the others' are gathered at the end
-        lo, hi = n * distributed.rank() // distributed.world(), n * (distributed.rank() + 1) // distributed.world()
-        images = images[lo:hi] if isinstance(images, torch.Tensor) else images.take(slice(lo, hi))
+        rows = distributed.uneven_rows(n)
+        images = images[rows] if isinstance(images, torch.Tensor) else images.take(rows)
     for x in tqdm(_batches(images, bs), total=-(-images.shape[0] // bs), desc="evaluating",
                   disable=not progress, leave=False):
         x = x.to(device, non_blocking=True)

@@ -50,14 +50,16 @@ class DeviceBatches:
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """(indices (B,), images (B, 3, H, W) uint8) of the current position; call advance() after the step."""
-        assert self.perm is not None, "start_epoch() first"
-        idx = self.perm[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
+        idx = self._rows(self.pos)
         return idx, self.images[idx]
 
     def batch(self, pos: int) -> Tensor:
         """The uint8 images (B, 3, H, W) of position `pos` of this epoch."""
+        return self.images[self._rows(pos)]
+
+    def _rows(self, pos: int) -> Tensor:
         assert self.perm is not None, "start_epoch() first"
-        return self.images[self.perm[pos * self.batch_size:(pos + 1) * self.batch_size]]
+        return self.perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
     def advance(self) -> None:
         self.pos += 1
@@ -66,14 +68,15 @@ class DeviceBatches:
         return {"perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos,
                 "generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], epoch: int | None = None) -> None:
+        """`epoch` (the trainer's completed epochs) matters only to DaliBatches."""
         if self.before_draw is not None:
             self.before_draw()
         if state.get("generator") is not None:
             self.generator.set_state(state["generator"])
         if "perm" not in state:   # saved by DaliBatches (data.loader changed): the epoch goes on in a new order
             self.perm = None
-            if state["started"]:
+            if state["epoch"] >= 0:
                 self.start_epoch()
         else:
             self.perm = None if state["perm"] is None else state["perm"].to(self.images.device)
@@ -150,16 +153,22 @@ class DaliBatches:
             self._it = self._loader = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "dali", "epoch": self.epoch, "pos": self.pos, "started": self.started,
+        return {"kind": "dali", "epoch": self.epoch, "pos": self.pos,
                 "generator": None if self.generator is None else self.generator.get_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], epoch: int = 0) -> None:
+        """`epoch`: the trainer's completed epochs, which name the permutations when the state was saved by
+        DeviceBatches (data.loader changed): the epoch in progress, or the one about to start. The rest of an
+        epoch in progress then comes from another permutation."""
         self.close()
         if self.generator is not None and state.get("generator") is not None:
             self.generator.set_state(state["generator"])
-        # Saved by DeviceBatches (data.loader changed): its epochs count as this one's.
-        self.epoch = state["epoch"] if "epoch" in state else (0 if state["perm"] is not None else -1)
         self.pos = state["pos"]
+        if "epoch" in state:
+            self.epoch = state["epoch"]
+        else:
+            in_progress = state["perm"] is not None and self.pos < self.steps_per_epoch
+            self.epoch = epoch if in_progress else epoch - 1
 
 
 def resolve_loader(cfg: Any, dataset: Any) -> str:

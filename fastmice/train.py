@@ -119,12 +119,7 @@ class Trainer:
         for group, f in zip(self.optimizer.param_groups, flags):   # this machine's optim.impl, not the saved one
             group.update(f)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
-        self.batches.load_state_dict(state["batches"])
-        if isinstance(self.batches, DaliBatches) and "epoch" not in state["batches"]:
-            # Saved by the memory loader: index DALI's permutations by the trainer's epoch (the epoch in progress,
-            # or the one about to start). The rest of an epoch in progress comes from another permutation.
-            in_progress = self.batches.started and not self.batches.epoch_done
-            self.batches.epoch = self.epoch if in_progress else self.epoch - 1
+        self.batches.load_state_dict(state["batches"], epoch=self.epoch)
         restore_host_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:

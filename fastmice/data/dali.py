@@ -406,9 +406,8 @@ def dali_file_loader(
         raise ValueError("give either folder (an ImageFolder root) or files (a list of image paths)")
     class_names = None
     if folder is not None:
-        from fastmice.data.folder import _list_images
-        roots = [folder] if isinstance(folder, (str, Path)) else list(folder)
-        listed, lab, class_names = _list_images([Path(r).expanduser().resolve() for r in roots], splits)
+        from fastmice.data.folder import _list_images, resolve_roots
+        listed, lab, class_names = _list_images(resolve_roots(folder), splits)
         if labels is None and lab is not None:
             labels = lab
         file_list = listed

@@ -248,6 +248,13 @@ def _load_cache(path: Path, name: str) -> ImageDataset | None:
 # Public reader
 
 
+def resolve_roots(roots: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One root or several, as absolute paths (``~`` expanded)."""
+    if isinstance(roots, (str, Path)):
+        roots = [roots]
+    return [Path(r).expanduser().resolve() for r in roots]
+
+
 def load_image_folder(roots: str | Path | Sequence[str | Path], image_size: int | None = None,
                       splits: Sequence[str] | None = None, on_corrupt: str = "skip",
                       num_workers: int = 0, progress: bool = True,
@@ -261,9 +268,7 @@ def load_image_folder(roots: str | Path | Sequence[str | Path], image_size: int 
     """
     if on_corrupt not in ("skip", "error"):
         raise DataError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
-    if isinstance(roots, (str, Path)):
-        roots = [roots]
-    roots = [Path(r).expanduser().resolve() for r in roots]
+    roots = resolve_roots(roots)
     if not roots:
         raise DataError("load_image_folder: no root folder given")
     if isinstance(splits, str):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastmice.data.folder import _decode, _list_images, _report_skipped
+from fastmice.data.folder import _decode, _list_images, _report_skipped, resolve_roots
 from fastmice.data.sources import DataError, ImageDataset
 
 LOADERS = ("auto", "memory", "dali")
@@ -144,9 +144,7 @@ def stream_image_folder(roots: str | Path | Sequence[str | Path], image_size: in
                         progress: bool = True) -> ImageDataset:
     """An ImageDataset over a folder whose ``images`` is a :class:`FileImages`: listed and header-checked,
     not decoded. Files, labels and order are those of ``load_image_folder``."""
-    if isinstance(roots, (str, Path)):
-        roots = [roots]
-    roots = [Path(r).expanduser().resolve() for r in roots]
+    roots = resolve_roots(roots)
     if isinstance(splits, str):
         splits = [splits]
     files, labels, class_names = _list_images(roots, splits)
@@ -182,10 +180,9 @@ def stream_folder(cfg: Any) -> bool:
         return False
     if cfg.loader == "dali":
         return True
-    roots = [cfg.root] if isinstance(cfg.root, (str, Path)) else list(cfg.root)
     with warnings.catch_warnings():   # the reader that runs next lists the folder again and says it once
         warnings.simplefilter("ignore")
-        files, _, _ = _list_images([Path(r).expanduser().resolve() for r in roots], cfg.splits)
+        files, _, _ = _list_images(resolve_roots(cfg.root), cfg.splits)
     side = cfg.image_size
     if side is None:
         wh = next((h for h in map(_header, files[:16]) if isinstance(h, tuple)), None)
