@@ -3,10 +3,10 @@
     python bench/bench_data.py [--data DIR] [--batch 256] [--views 3] [--steps N] [--limit N] [--dtype float32]
 
 Paths (each yields num_views normalised (B, 3, 32, 32) views per batch on the device):
-  dali_files          fastmice.data.dali.dali_file_loader: readers.file + decoders.image("mixed") + GPU augmentation
+  dali_files          fastmice.views.dali.dali_file_loader: readers.file + decoders.image("mixed") + GPU augmentation
   dali_files_fused    the same with color="fused" (one color_twist instead of the exact jitter chain)
-  dali_memory         fastmice.data.dali.dali_memory_loader: external_source from device-resident uint8 images
-  torch_device        fastmice.augment.augment_batch on device-resident uint8 images (what the trainer does)
+  dali_memory         fastmice.views.dali.dali_memory_loader: external_source from device-resident uint8 images
+  torch_device        fastmice.views.augment.augment_batch on device-resident uint8 images (what the trainer does)
 An images/s figure counts source images; each brings --views augmented views. On a GPU the DALI paths use
 device 0 and the timings end with a synchronisation; without a GPU everything runs on the CPU with small
 counts (DALI's CPU operators), which says nothing about GPU speed. Without DALI the DALI rows are skipped.
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from fastmice.augment import MOCO_V1, augment_batch
-from fastmice.data.dali import dali_available
+from fastmice.views.augment import MOCO_V1, augment_batch
+from fastmice.views.dali import dali_available
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 DEFAULT_DATA = [Path("/tmp/data/cifar10-jpeg/train"),
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no CIFAR-10 JPEG folder found; pass --data (e.g. /tmp/data/cifar10-jpeg/train)")
         return 1
 
-    from fastmice.data.folder import _list_images
-    files, labels, _ = _list_images([data.resolve()], None)
+    from fastmice.data.folder import list_folder_images
+    files, labels, _ = list_folder_images([data.resolve()], None)
     if limit is not None and limit < len(files):
         stride = len(files) // limit
         files, labels = files[::stride][:limit], labels[::stride][:limit]
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             t0 = time.perf_counter()
             if path in ("dali_files", "dali_files_fused"):
-                from fastmice.data.dali import dali_file_loader
+                from fastmice.views.dali import dali_file_loader
                 color = "fused" if path.endswith("fused") else "exact"
                 loader = dali_file_loader(files=files, labels=labels, color=color, **common)
             elif path == "dali_memory":
-                from fastmice.data.dali import dali_memory_loader
+                from fastmice.views.dali import dali_memory_loader
                 loader = dali_memory_loader(images, **common)
             elif path == "torch_device":
                 loader = None

@@ -1,11 +1,11 @@
-"""Benchmark the fused MiCE loss (fastmice.kernels.mice_elbo) against plain torch.
+"""Benchmark the fused MiCE loss (fastmice.ops.kernels.mice_elbo) against plain torch.
 
     python bench/bench_kernels.py [--B 256] [--V 16384] [--D 128] [--K 10 20] [--queue-dtype bfloat16]
 
 Implementations, each timed with triton.testing.do_bench for forward, backward and forward+backward:
-  reference   fastmice.loss.mice_elbo_reference: fp32 einsum, materialises the (B, K, V) logits
+  reference   fastmice.ops.mice_elbo.mice_elbo_reference: fp32 einsum, materialises the (B, K, V) logits
   torch_bf16  best-effort plain torch: bf16 bmm logits, bf16 exp with fp32 sums (fast, less accurate)
-  triton      fastmice.kernels.mice_elbo.mice_elbo_triton: streamed queue, online logsumexp
+  triton      fastmice.ops.kernels.mice_elbo.mice_elbo_triton: streamed queue, online logsumexp
 Peak memory is torch.cuda.max_memory_allocated during one forward+backward, minus what was allocated
 before (inputs). Errors are max|x - ref| / max|ref| against the reference on the same queue values.
 Needs a CUDA GPU; without one it says so and exits 0.
@@ -94,8 +94,8 @@ def main() -> int:
     import triton
     from triton.testing import do_bench
 
-    from fastmice.kernels.mice_elbo import mice_elbo_triton
-    from fastmice.loss import mice_elbo_reference
+    from fastmice.ops.kernels.mice_elbo import mice_elbo_triton
+    from fastmice.ops.mice_elbo import mice_elbo_reference
 
     torch.set_float32_matmul_precision("highest")   # the reference is true fp32 (no TF32)
     qdtype = getattr(torch, a.queue_dtype)

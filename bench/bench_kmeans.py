@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from fastmice.kmeans import _faiss_has_gpu, _import_faiss, spherical_kmeans
+from fastmice.ops.kmeans import faiss_has_gpu, import_faiss, spherical_kmeans
 
 
 def clustered(n: int, d: int, k: int, seed: int = 0, spread: float = 0.6) -> torch.Tensor:
@@ -35,9 +35,9 @@ def backends() -> list[tuple[str, str, str]]:
     """(name, spherical_kmeans backend, tensor device) for what this machine has."""
     out = []
     try:
-        faiss = _import_faiss()
+        faiss = import_faiss()
         out.append(("faiss-cpu", "faiss", "cpu"))
-        if torch.cuda.is_available() and _faiss_has_gpu(faiss):
+        if torch.cuda.is_available() and faiss_has_gpu(faiss):
             out.append(("faiss-gpu", "faiss", "cuda"))
     except ImportError:
         pass

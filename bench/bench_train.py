@@ -5,7 +5,7 @@
         [--single-pass] [--arch resnet34] [--width 64] [--override section.key=value ...] [--json OUT]
 
 Paths (same config, same images, same initial weights):
-  naive   fastmice.naive: per-sample transforms (torchvision.transforms if it imports, else augment_batch on one
+  naive   naive: per-sample transforms (torchvision.transforms if it imports, else augment_batch on one
           image at a time) in a CPU DataLoader with --workers processes, then fp32 NCHW eager naive_step (student
           run separately on x_f and x_g, per-parameter SGD and EMA, host-side queue pointer, loss.item()).
   fast    the Trainer: uint8 images resident on the device, batched augmentation (Trainer.views), train_step
@@ -152,8 +152,8 @@ def load_images(args, image_size: int | None):
         images = torch.randint(0, 256, (args.num_images, 3, side, side), dtype=torch.uint8, generator=gen)
         return ImageDataset(images, None, None, "synthetic"), images, f"synthetic uint8 {tuple(images.shape)}"
     root = DEFAULT_JPEG if args.data == "jpeg" else Path(args.data)
-    from fastmice.data.folder import _list_images, load_image_folder
-    files, _, _ = _list_images([root.resolve()], None)
+    from fastmice.data.folder import list_folder_images, load_image_folder
+    files, _, _ = list_folder_images([root.resolve()], None)
     if args.limit and args.limit < len(files):
         files = files[::len(files) // args.limit][:args.limit]
     t0 = time.perf_counter()
@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from fastmice.config import load_config
-    from fastmice.naive import NaiveViews, naive_copy, naive_loader, naive_optimizer, naive_step
-    from fastmice.train import Trainer, learning_rate, resolve_device
+    from naive import NaiveViews, naive_copy, naive_loader, naive_optimizer, naive_step
+    from fastmice.engine.trainer import Trainer, learning_rate, resolve_device
 
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -225,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed)
     trainer = Trainer(cfg, run_dir, dataset)              # the fast path
     naive_cfg = load_config(args.config, [o for o in overrides if not o.startswith("--model.single_pass")])
-    naive = naive_copy(trainer.model)                     # same initial weights, fp32 NCHW
+    naive = naive_copy(trainer.method)                     # same initial weights, fp32 NCHW
     if args.single_pass:
         naive.single_pass = False
     naive_opt = naive_optimizer(naive_cfg, naive)
-    spe = trainer.batches.steps_per_epoch
+    spe = trainer.feed.steps_per_epoch
     lr = learning_rate(cfg, 0, 0, spe)
     crop = trainer.crop_size
     views_ds = NaiveViews(source, cfg.augment, crop, cfg.data.mean, cfg.data.std, num_views=3,
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if "dali" in paths:   # the same config and initial weights, its batches from DALI
         dali_ds = dataset if args.data == "synthetic" else _streamed(dataset, cfg.data.image_size)
         dali = Trainer(load_config(args.config, overrides + ["--data.loader=dali"]), run_dir / "dali", dali_ds)
-        dali.model.load_state_dict(trainer.model.state_dict())
+        dali.model.load_state_dict(trainer.method.state_dict())
         notes.append(f"dali: {dali_ds.images!r}" if args.data != "synthetic" else "dali: external_source")
     mem = PeakMemory(device)
     print(f"device {device_name(device)}, torch {torch.__version__}, commit {commit()}; config {args.config}: "
@@ -268,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     def fixed():
         nonlocal fixed_views
         if fixed_views is None:
-            trainer.batches.start_epoch()
-            _, x = trainer.batches.next_batch()
+            trainer.feed.start_epoch()
+            _, x = trainer.feed.next_batch()
             gen = torch.Generator(device=device).manual_seed(1)
-            from fastmice.augment import augment_batch
+            from fastmice.views.augment import augment_batch
             v32 = [augment_batch(x, cfg.augment, crop, trainer.mean, trainer.std, generator=gen) for _ in range(3)]
             fmt = torch.channels_last if trainer.precision.channels_last else torch.contiguous_format
             fixed_views = (v32, [v.to(trainer.precision.view_dtype).contiguous(memory_format=fmt) for v in v32])
@@ -303,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             elif path == "fast":
                 if phase == "data":
                     def fast_views():
-                        if trainer.batches.epoch_done:
-                            trainer.batches.start_epoch()
-                        _, x = trainer.batches.next_batch()
-                        trainer.batches.advance()
+                        if trainer.feed.epoch_done:
+                            trainer.feed.start_epoch()
+                        _, x = trainer.feed.next_batch()
+                        trainer.feed.advance()
                         return trainer.views(x)
                     secs, peak = timed(fast_views, steps, warmup, device, mem)
                 elif phase == "model":

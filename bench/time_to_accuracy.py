@@ -13,7 +13,7 @@ first training step, so it includes compiling (train.compile) and the warm-up:
    optim.warmup_epochs shrink in proportion (the paper's x0.1 at 480/640/800 of 1000 epochs become the same
    fractions of the new length), train.max_steps is set to the planned steps as a hard stop, and a timer stops
    training at the end of the budget whatever the estimate said;
-3. the Trainer trains (its own loop, end-of-epoch mu updates included), then fastmice.evaluate.evaluate_model
+3. the Trainer trains (its own loop, end-of-epoch mu updates included), then fastmice.eval.evaluate.evaluate_model
    evaluates every readout on the whole dataset (not counted in the budget; reported).
 
 Printed (and with --json, written): ACC/NMI/ARI of each readout, samples seen (steps x batch), epochs, the
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--minutes must be > 0")
 
     from fastmice.config import load_config
-    from fastmice.evaluate import evaluate_model, format_results
-    from fastmice.train import Trainer
+    from fastmice.eval.evaluate import evaluate_model, format_results
+    from fastmice.engine.trainer import Trainer
 
     budget = 60.0 * args.minutes
     splits = [s for s in args.splits.split(",") if s]
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir)
-    device, bs, spe = trainer.device, cfg.optim.batch_size, trainer.batches.steps_per_epoch
+    device, bs, spe = trainer.device, cfg.optim.batch_size, trainer.feed.steps_per_epoch
     load_s = time.perf_counter() - t0
     print(f"{len(trainer.dataset)} images of {trainer.image_size}px loaded in {load_s:.1f} s; device "
           f"{device_name(device)}; {cfg.model.arch} width {cfg.model.width}, batch {bs}, {spe} steps per epoch, "
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer.run_steps(1, within_epoch=True)
     sync(device)
     first_s = time.perf_counter() - start
-    warm = min(args.warmup_steps or (30 if device.type == "cuda" else 3), max(spe - 1 - trainer.batches.pos, 0))
+    warm = min(args.warmup_steps or (30 if device.type == "cuda" else 3), max(spe - 1 - trainer.feed.pos, 0))
     t1, done = time.perf_counter(), 0
     while done < warm and time.perf_counter() - start < 0.25 * budget:   # a tiny budget: fewer estimate steps
         done += trainer.run_steps(1, within_epoch=True)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. train to the plan, stopped at the end of the budget whatever happens
     def deadline() -> None:
-        trainer._stop_requested = True
+        trainer.stop_requested = True
     timer = threading.Timer(max(budget - (time.perf_counter() - start), 0.0), deadline)
     timer.daemon = True
     timer.start()
@@ -138,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
               "interrupted": "budget ran out"}.get(summary["status"], summary["status"])
 
     t2 = time.perf_counter()
-    result = evaluate_model(trainer.model, trainer.dataset, trainer.cfg, device, run_dir, trainer.crop_size,
+    result = evaluate_model(trainer.method, trainer.dataset, trainer.cfg, device, run_dir, trainer.crop_size,
                             trainer.precision.autocast, trainer.precision.channels_last)
     eval_s = time.perf_counter() - t2
     print(format_results(result))
     primary = result["readouts"][result["primary"]]
     steps = trainer.global_step
-    epochs_done = trainer.epoch + (trainer.batches.pos / spe if not trainer.batches.epoch_done else 0.0)
+    epochs_done = trainer.epoch + (trainer.feed.pos / spe if not trainer.feed.epoch_done else 0.0)
     report = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),

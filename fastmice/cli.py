@@ -43,13 +43,13 @@ def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmice.config import load_config, parse_overrides
-    from fastmice.evaluate import evaluate_model, format_results
-    from fastmice.train import Trainer
+    from fastmice.eval.evaluate import evaluate_model, format_results
+    from fastmice.engine.trainer import Trainer
 
     if args.init_from and not args.resume:
         overrides = overrides + [f"--train.init_from={args.init_from}"]
     if args.augment_recipe:
-        from fastmice.augment import recipe_overrides
+        from fastmice.views.augment import recipe_overrides
         overrides = recipe_overrides(args.augment_recipe) + overrides   # explicit --augment.* still win
     if args.seeds:
         if args.profile is not None:
@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     ds = trainer.dataset
     print(f"data: {ds.name}, {len(ds)} images of {trainer.image_size}px"
           + (f", {len(ds.skipped)} unreadable skipped" if ds.skipped else "")
-          + f"; device {trainer.device}; {trainer.batches.steps_per_epoch} steps per epoch; "
+          + f"; device {trainer.device}; {trainer.feed.steps_per_epoch} steps per epoch; "
           + ("read by DALI every epoch (data.loader=dali)" if trainer.loader == "dali" else
              "held in memory (data.loader=memory)"))
     if args.profile is not None:
@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if summary["status"] == "interrupted":
         return 130
     if trainer.cfg.eval.at_end:
-        result = evaluate_model(trainer.model, ds, trainer.cfg, trainer.device, trainer.run_dir,
+        result = evaluate_model(trainer.method, ds, trainer.cfg, trainer.device, trainer.run_dir,
                                 trainer.crop_size, trainer.precision.autocast, trainer.precision.channels_last)
         print(format_results(result))
         print(f"written to {trainer.run_dir}: eval.json, assignments.csv, cluster_sizes.png"
@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _train_seeds(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmice.config import load_config
-    from fastmice.seeds import default_group_dir, format_summary, parse_seeds, run_seeds
+    from fastmice.report.seeds import default_group_dir, format_summary, parse_seeds, run_seeds
 
     if args.resume:
         raise ValueError("--seeds and --resume: to continue a group of seeds, run the same --seeds command "
@@ -112,7 +112,7 @@ def _train_seeds(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_summary(args: argparse.Namespace, overrides: list[str]) -> int:
-    from fastmice.seeds import find_runs, format_summary, summarize
+    from fastmice.report.seeds import find_runs, format_summary, summarize
 
     runs = find_runs([Path(p) for p in args.runs])
     out = Path(args.out) if args.out else (Path(args.runs[0]) if len(args.runs) == 1 else None)
@@ -125,7 +125,7 @@ def cmd_summary(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmice.config import parse_overrides
-    from fastmice.evaluate import evaluate_run, format_results
+    from fastmice.eval.evaluate import evaluate_run, format_results
 
     result = evaluate_run(args.run, device=args.device, overrides=parse_overrides(overrides))
     print(format_results(result))
@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     from fastmice.data.prepare import add_data_arguments
-    from fastmice.predict import add_predict_arguments
-    from fastmice.report import add_report_arguments
+    from fastmice.eval.predict import add_predict_arguments
+    from fastmice.report.html_report import add_report_arguments
     add_predict_arguments(sub)
     add_report_arguments(sub)
     add_data_arguments(sub)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmice: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from fastmice.train import NonFiniteLossError
+        from fastmice.engine.trainer import NonFiniteLossError
         if isinstance(e, NonFiniteLossError):
             print(f"fastmice: error: {e}", file=sys.stderr)
             return 3

@@ -1,15 +1,18 @@
-"""Typed run configuration: dataclasses loaded from YAML, `--section.key=value` overrides, validation.
+"""The run configuration: one typed schema, read from YAML with `--section.key=value` overrides.
 
-A config file names only what differs from the defaults below, which are the paper's CIFAR-10 settings
-(Appendix D); the embedded default run is the bundled `digits` config.
-Bundled configs (configs/*.yaml, shipped as fastmice.configs) can be named without a path: `cifar10`.
+Sections: `data` (the source and its normalisation), `augment` (the batched augmentation), `backbone` (the
+ResNet), `method` (typed by the method's own dataclass: `method: {name: mice, ...}`, see fastmice.methods),
+`optim`, `train` and `eval`. A config file names only what differs from the defaults below (the paper's
+CIFAR-10 settings, Appendix D); the embedded default run is the bundled `digits` config. Bundled configs
+(fastmice/configs/*.yaml) can be named without a path: `cifar10`.
+
+Files and run folders of the earlier layout (`method: mice` as a string, a `model:` section, a `mixem:`
+section) still load: their keys are mapped to `method.*` and `backbone.*` with a one-line notice.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,18 +20,21 @@ from typing import Any
 
 import yaml
 
-from fastmice.augment import AugmentConfig
+from fastmice.core.errors import ConfigError
+from fastmice.core.schema import build_dataclass, merge, parse_overrides
 from fastmice.data.sources import DataSourceConfig
-from fastmice.models.mixem import MixEMWeights
+from fastmice.methods import METHODS, MethodConfig, method_class
+from fastmice.methods.mice import MiCEConfig
+from fastmice.models.resnet import BackboneConfig
+from fastmice.views.augment import AugmentConfig
 
-METHODS = ("mice", "moco", "mixem", "simclr")
-# train.compile: torch.compile modes of the whole training forward (networks and loss; see fastmice.compile)
+__all__ = ["Config", "ConfigError", "bundled_configs", "config_from_dict", "load_config", "parse_overrides",
+           "resolve_config_path"]
+
+# train.compile: torch.compile modes of the whole training step (see fastmice.engine.compile)
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIM_IMPLS = ("auto", "fused", "foreach", "loop")
-
-
-class ConfigError(ValueError):
-    """A config value or override that cannot be used; the message says which and why."""
+SECTIONS = ("data", "augment", "backbone", "method", "optim", "train", "eval")
 
 
 @dataclass
@@ -44,59 +50,6 @@ class DataConfig(DataSourceConfig):
             raise ConfigError("data.mean and data.std need 3 values (R, G, B)")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"data.std must be positive, got {self.std}")
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "resnet34"          # resnet34 (paper) | resnet18 | resnet10
-    stem: str = "cifar"             # cifar: 3x3 stride-1 conv, no max-pool; imagenet: 7x7/2 + max-pool (96 px)
-    width: int = 64                 # channels of the first stage
-    num_clusters: int = 10          # K
-    embed_dim: int = 128            # D
-    queue_size: int = 16384         # V; must not exceed the dataset size
-    tau: float = 1.0                # expert temperature
-    kappa: float = 1.0              # gating temperature
-    ema_momentum: float = 0.999     # teacher m
-    queue_dtype: str = "float32"    # float32 | bfloat16 | float16
-    single_pass: bool = False       # x_f and x_g through the student backbone in one batch (faster; changes BN)
-    # MiCE ablations (Table 3 of the paper); the defaults are the full model.
-    prior: str = "gating"           # gating (the paper) | uniform: kappa -> inf, pi_k = 1/K (assumption A3)
-    shared_head: bool = False       # one output layer shared by the K experts (assumption A4)
-    class_term: bool = True         # mu in the expert logits; off: instance-level term only (assumption A5)
-    mu_analytical: bool = True      # the end-of-epoch update of mu (Eq. 13); off: SGD only
-    mu_grad: bool = True            # mu trained by SGD; off: the analytical update only
-    omega_init: str = "mmd"         # mmd: Max-Mahalanobis centres (Algorithm 2) | uniform: random unit vectors
-    omega_learned: bool = False     # train omega by gradient instead of keeping it fixed
-    # Appendix E's alternative to Eq. 13: after each epoch, SGD on mu alone (networks fixed) for up to this many
-    # passes over the data, stopping early once mu moves less than mu_sgd_tol (mean |delta mu|) in a pass.
-    # The paper reaches Eq. 13's accuracy this way at >10x the training time; use with mu_analytical: false.
-    mu_sgd_passes: int = 0
-    mu_sgd_tol: float = 1e-4
-    hidden_dim: int = 512           # MIX'EM / SimCLR: hidden width of the projection MLPs
-
-    def validate(self) -> None:
-        from fastmice.models.resnet import ARCHS
-        if self.arch not in ARCHS:
-            raise ConfigError(f"model.arch={self.arch!r} is not one of {sorted(ARCHS)}")
-        if self.stem not in ("cifar", "imagenet"):
-            raise ConfigError(f"model.stem must be 'cifar' or 'imagenet', got {self.stem!r}")
-        if self.num_clusters < 1:
-            raise ConfigError(f"model.num_clusters must be >= 1, got {self.num_clusters}")
-        if self.embed_dim < 1 or self.width < 1 or self.queue_size < 1:
-            raise ConfigError("model.embed_dim, model.width and model.queue_size must be positive")
-        if self.tau <= 0 or self.kappa <= 0:
-            raise ConfigError(f"model.tau and model.kappa must be > 0, got {self.tau}, {self.kappa}")
-        if not 0.0 <= self.ema_momentum < 1.0:
-            raise ConfigError(f"model.ema_momentum must be in [0, 1), got {self.ema_momentum}")
-        if self.omega_init not in ("mmd", "uniform"):
-            raise ConfigError(f"model.omega_init must be 'mmd' or 'uniform', got {self.omega_init!r}")
-        if self.prior not in ("gating", "uniform"):
-            raise ConfigError(f"model.prior must be 'gating' or 'uniform', got {self.prior!r}")
-        if self.mu_sgd_passes < 0 or self.mu_sgd_tol < 0:
-            raise ConfigError(f"model.mu_sgd_passes and model.mu_sgd_tol must be >= 0, got "
-                              f"{self.mu_sgd_passes}, {self.mu_sgd_tol}")
-        if self.queue_dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.queue_dtype must be float32, bfloat16 or float16, got {self.queue_dtype!r}")
 
 
 @dataclass
@@ -202,121 +155,123 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    method: str = "mice"
     name: str = "mice"
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)   # MoCo v1
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mixem: MixEMWeights = field(default_factory=MixEMWeights)   # MIX'EM's extra loss weights
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MiCEConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r}: available methods are {list(METHODS)}")
-        if self.mixem.confidence_kind not in ("entropy", "max"):
-            raise ConfigError(f"mixem.confidence_kind must be 'entropy' or 'max', got {self.mixem.confidence_kind!r}")
-        for section in (self.data, self.augment, self.model, self.optim, self.train, self.eval):
+        """Every section's own checks, then the method's checks across sections; raises ConfigError."""
+        for section in (self.data, self.augment, self.backbone, self.method, self.optim, self.train, self.eval):
             try:
                 section.validate()
             except ConfigError:
                 raise
-            except ValueError as e:   # section validators from other modules raise plain ValueError
+            except ValueError as e:   # section validators of lower layers raise plain ValueError
                 raise ConfigError(str(e)) from e
-        m = self.model
-        if self.method == "mice" and m.omega_init == "mmd" and m.num_clusters > m.embed_dim + 1:
-            raise ConfigError(f"model.num_clusters={m.num_clusters} needs model.embed_dim >= K-1 "
-                              f"(the gating prototypes are K maximally separated unit vectors in R^D)")
-        if m.mu_sgd_passes and (self.method != "mice" or not m.class_term):
-            raise ConfigError("model.mu_sgd_passes (Appendix E) needs method: mice with model.class_term: true")
-        if self.method in ("mice", "moco") and self.optim.batch_size > self.model.queue_size:
-            raise ConfigError(f"optim.batch_size={self.optim.batch_size} exceeds model.queue_size="
-                              f"{self.model.queue_size}: a batch must fit in the queue")
+        method_class(self.method.name).check_config(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# ---- loading -------------------------------------------------------------------------------------------
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert a YAML value to the annotated type, with an error that names the key."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
+# ---- the earlier layout ---------------------------------------------------------------------------------
+BACKBONE_KEYS = ("arch", "stem", "width")
+RENAMED = {("simclr", "tau"): "temperature", ("mixem", "tau"): "temperature"}
+
+
+def _method_name(layers: list[dict[str, Any]]) -> tuple[str, int]:
+    """(the method the layers end up naming, the index of the layer that names it; -1 for the default)."""
+    name, where = "mice", -1
+    for i, values in enumerate(layers):
+        m = values.get("method")
+        if isinstance(m, str):
+            name, where = m, i
+        elif isinstance(m, dict) and "name" in m:
+            name, where = m["name"], i
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"method.name={name!r}: available methods are {', '.join(sorted(METHODS))}")
+    return name, where
+
+
+def _drop_foreign_keys(values: dict[str, Any], method: str, where: str) -> dict[str, Any]:
+    """A layer written for another method (a file, before an override switched the method): its `method:` keys
+    that `method` does not have are dropped, with a notice."""
+    section = values.get("method")
+    if not isinstance(section, dict):
+        return values
+    fields = {f.name for f in dataclasses.fields(method_class(method).Config)}
+    dropped = sorted(k for k in section if k not in fields)
+    if not dropped:
+        return values
+    print(f"note: {where} sets method.{', method.'.join(dropped)}, which method {method} does not have: ignored",
+          file=sys.stderr)
+    return {**values, "method": {k: v for k, v in section.items() if k in fields}}
+
+
+def upgrade_layout(values: dict[str, Any], method: str, where: str, strict: bool = False) -> dict[str, Any]:
+    """`values` in the current layout: `method: NAME`, `model:` and `mixem:` become `method:` and `backbone:`.
+    Keys of the old `model:` section that the method has no use for (every old file listed them all) are
+    dropped, unless `strict` (overrides typed by the user), where they stay and fail as unknown settings.
+    Prints one notice when anything was mapped."""
+    old_method = isinstance(values.get("method"), str)
+    if not (old_method or "model" in values or "mixem" in values):
+        return values
+    out = {k: v for k, v in values.items() if k not in ("model", "mixem")}
+    new_method = {} if old_method else dict(values.get("method") or {})
+    if old_method:
+        new_method["name"] = values["method"]
+    backbone = dict(values.get("backbone") or {})
+    fields = {f.name for f in dataclasses.fields(method_class(method).Config)}
+    dropped = []
+    for section in ("model", "mixem"):
+        for key, value in (values.get(section) or {}).items():
+            if section == "model" and key in BACKBONE_KEYS:
+                backbone.setdefault(key, value)
                 continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: cannot be null")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of settings, got {value!r}")
-        return _build(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is str:
-        if isinstance(value, bool):   # YAML 1.1 reads on/off/yes/no as booleans: `--train.amp=off`, `compile: off`
-            return "on" if value else "off"
-        if isinstance(value, (str, int, float)):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown setting {where + '.' if where else ''}{key}{hint}; "
-                              f"valid: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
-    return cls(**kwargs)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+            target = RENAMED.get((method, key), key)
+            if target in fields or strict:
+                new_method.setdefault(target, value)
+            else:
+                dropped.append(f"{section}.{key}")
+    out["method"] = new_method
+    if backbone:
+        out["backbone"] = backbone
+    print(f"note: {where} uses the earlier config layout: read `model:`/`mixem:` as `method:` + `backbone:`"
+          + (f" (no effect for method {method}, dropped: {', '.join(dropped)})" if dropped else "")
+          + "; see docs/adding-a-method.md", file=sys.stderr)
     return out
+
+
+# ---- loading --------------------------------------------------------------------------------------------
+OVERRIDES = "the overrides"
+
+
+def _build(layers: list[tuple[dict[str, Any], str]]) -> Config:
+    """Defaults, then each (values, where) layer over them; validated."""
+    name, named_at = _method_name([v for v, _ in layers])
+    merged = dataclasses.asdict(Config(method=method_class(name).Config()))
+    for i, (values, where) in enumerate(layers):
+        values = upgrade_layout(values, name, where, strict=where == OVERRIDES and i >= named_at)
+        if i < named_at:
+            values = _drop_foreign_keys(values, name, where)
+        merged = merge(merged, values)
+    merged["method"]["name"] = name
+    for key in merged:
+        if key not in SECTIONS and key != "name":
+            raise ConfigError(f"unknown section {key!r}; the sections are {', '.join(SECTIONS)}")
+    method_cfg = build_dataclass(method_class(name).Config, merged.pop("method"), "method")
+    try:
+        cfg = build_dataclass(Config, merged, "")
+    except TypeError as e:  # a dataclass rejected its arguments
+        raise ConfigError(str(e)) from e
+    cfg.method = method_cfg
+    return cfg.validate()
 
 
 def bundled_configs() -> list[str]:
@@ -336,31 +291,9 @@ def resolve_config_path(name_or_path: str) -> Path:
                       f"(bundled: {', '.join(bundled_configs())})")
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """['--model.num_clusters=20', 'optim.lr=0.5'] -> {'model': {'num_clusters': 20}, 'optim': {'lr': 0.5}}."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        if "=" not in text:
-            raise ConfigError(f"override {item!r} must look like --section.key=value")
-        key, raw = text.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse value {raw!r}: {e}") from e
-        node = tree
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with an earlier override")
-        node[parts[-1]] = value
-    return tree
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then the overrides; validated."""
-    values: dict[str, Any] = {}
+    layers: list[tuple[dict[str, Any], str]] = []
     if path is not None:
         p = resolve_config_path(str(path))
         try:
@@ -369,17 +302,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-        values = _merge(values, loaded)
-        values.setdefault("name", p.stem)
-    values = _merge(values, parse_overrides(overrides or []))
-    # Sections given in the file replace only the keys they name: merge over the defaults' dict form.
-    merged = _merge(Config().to_dict(), values)
-    try:
-        return _build(Config, merged, "").validate()
-    except TypeError as e:  # a dataclass rejected its arguments
-        raise ConfigError(str(e)) from e
+        loaded.setdefault("name", p.stem)
+        layers.append((loaded, str(p)))
+    if overrides:
+        layers.append((parse_overrides(overrides), OVERRIDES))
+    return _build(layers)
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a config saved in a run folder or checkpoint."""
-    return _build(Config, _merge(Config().to_dict(), values), "").validate()
+def config_from_dict(values: dict[str, Any], overrides: dict[str, Any] | None = None,
+                     where: str = "the saved config") -> Config:
+    """Rebuild a config saved in a run folder or checkpoint, with `overrides` ({section: {key: value}}) on top."""
+    return _build([(values, where)] + ([(overrides, OVERRIDES)] if overrides else []))

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fastmice.data.sources import DataError, ImageDataset
+from fastmice.data.dataset import DataError, ImageDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _CACHE_VERSION = 1
@@ -45,7 +45,7 @@ def _is_image(name: str) -> bool:
     return _visible(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _scan_images(folder: Path) -> list[str]:
+def scan_images(folder: Path) -> list[str]:
     """All image files below ``folder``, in a deterministic (sorted, depth-first) order."""
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -68,15 +68,15 @@ def _list_part(part: Path) -> tuple[dict[str, list[str]] | None, list[str]]:
     direct = [e.name for e in entries if e.is_file() and _is_image(e.name)]
     subdirs = [Path(e.path) for e in entries if e.is_dir() and _visible(e.name)]
     if direct:
-        files = _scan_images(part)
-        nested = [d.name for d in subdirs if _scan_images(d)]
+        files = scan_images(part)
+        nested = [d.name for d in subdirs if scan_images(d)]
         if nested:
             warnings.warn(f"{part} holds {len(direct)} image file(s) directly, so it is read as an "
                           f"UNLABELLED folder and the images in its subfolders ({', '.join(nested[:5])}"
                           f"{', ...' if len(nested) > 5 else ''}) get no class labels; move the loose "
                           f"files out to use the subfolders as classes", stacklevel=4)
         return None, files
-    classes = {d.name: _scan_images(d) for d in subdirs}
+    classes = {d.name: scan_images(d) for d in subdirs}
     if not any(classes.values()):
         raise DataError(f"no images found in {part} (looked for {', '.join(IMAGE_EXTENSIONS)}, any "
                         f"case, directly inside or in class subfolders)")
@@ -93,7 +93,7 @@ def _list_part(part: Path) -> tuple[dict[str, list[str]] | None, list[str]]:
     return classes, []
 
 
-def _list_images(roots: Sequence[Path], splits: Sequence[str] | None
+def list_folder_images(roots: Sequence[Path], splits: Sequence[str] | None
                  ) -> tuple[list[str], list[int] | None, list[str] | None]:
     """Files in load order (roots, then splits, then class, then name) with labels and class names."""
     parts: list[tuple[Path, dict[str, list[str]] | None, list[str]]] = []
@@ -124,7 +124,7 @@ def _list_images(roots: Sequence[Path], splits: Sequence[str] | None
 # Decoding
 
 
-def _decode(path: str, size: int | None) -> np.ndarray:
+def decode_image(path: str, size: int | None) -> np.ndarray:
     """(H, W, 3) uint8; with ``size``: shorter side to ``size``, centre crop, bilinear (antialiased)."""
     with Image.open(path) as im:
         if size is not None and im.format == "JPEG":
@@ -140,14 +140,14 @@ def _decode(path: str, size: int | None) -> np.ndarray:
         return np.asarray(im)
 
 
-def _decode_range(paths: list[str], lo: int, hi: int, size: int | None, out: np.ndarray
+def decode_range(paths: list[str], lo: int, hi: int, size: int | None, out: np.ndarray
                   ) -> list[tuple[int, str, str]]:
     """Decode paths[lo:hi] into out[lo:hi]; return problems as (index, 'corrupt' | 'size', detail)."""
     problems = []
     hw = out.shape[2:]
     for i in range(lo, hi):
         try:
-            arr = _decode(paths[i], size)
+            arr = decode_image(paths[i], size)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for malformed files
             problems.append((i, "corrupt", f"{type(e).__name__}: {e}"))
             continue
@@ -163,7 +163,7 @@ def _reference_hw(paths: list[str]) -> tuple[int, int, int]:
     first_err = None
     for i, p in enumerate(paths):
         try:
-            arr = _decode(p, None)
+            arr = decode_image(p, None)
             return i, arr.shape[0], arr.shape[1]
         except Exception as e:  # noqa: BLE001
             first_err = first_err or f"{p}: {type(e).__name__}: {e}"
@@ -187,13 +187,13 @@ def _decode_all(paths: list[str], size: int | None, num_workers: int, progress: 
             # Threads, not processes: Pillow releases the GIL while decoding, and workers write
             # straight into the shared output array (no pickling of pixels back).
             with ThreadPoolExecutor(num_workers) as pool:
-                futures = [pool.submit(_decode_range, paths, lo, hi, size, out) for lo, hi in ranges]
+                futures = [pool.submit(decode_range, paths, lo, hi, size, out) for lo, hi in ranges]
                 for fut, (lo, hi) in zip(futures, ranges):
                     problems.extend(fut.result())
                     bar.update(hi - lo)
         else:
             for lo, hi in ranges:
-                problems.extend(_decode_range(paths, lo, hi, size, out))
+                problems.extend(decode_range(paths, lo, hi, size, out))
                 bar.update(hi - lo)
     return out, sorted(problems), ref
 
@@ -274,14 +274,14 @@ def load_image_folder(roots: str | Path | Sequence[str | Path], image_size: int 
     if isinstance(splits, str):
         splits = [splits]
     name = "folder:" + ",".join(str(r) for r in roots)
-    files, labels, class_names = _list_images(roots, splits)
+    files, labels, class_names = list_folder_images(roots, splits)
 
     cache_path = None
     if cache_dir is not None:
         key = _cache_key(files, image_size, class_names)
         cache_path = Path(cache_dir).expanduser() / f"folder-{key}.npz"
         if cache_path.is_file() and (ds := _load_cache(cache_path, name)) is not None:
-            _report_skipped(ds.skipped, len(files), on_corrupt)
+            report_skipped(ds.skipped, len(files), on_corrupt)
             return ds
 
     out, problems, ref = _decode_all(files, image_size, num_workers, progress, f"decoding {roots[0].name}")
@@ -292,7 +292,7 @@ def load_image_folder(roots: str | Path | Sequence[str | Path], image_size: int 
                         f"({len(bad_size)} image(s) differ); set data.image_size "
                         f"(image_size=...) to resize every image to one square size")
     skipped = [(files[i], d) for i, kind, d in problems if kind == "corrupt"]
-    _report_skipped(skipped, len(files), on_corrupt)
+    report_skipped(skipped, len(files), on_corrupt)
     if len(skipped) == len(files):
         raise DataError(f"none of the {len(files)} images under {name[7:]} could be read "
                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
@@ -308,7 +308,7 @@ def load_image_folder(roots: str | Path | Sequence[str | Path], image_size: int 
     return ds
 
 
-def _report_skipped(skipped: list[tuple[str, str]], total: int, on_corrupt: str) -> None:
+def report_skipped(skipped: list[tuple[str, str]], total: int, on_corrupt: str) -> None:
     if not skipped:
         return
     if on_corrupt == "error":

@@ -1,7 +1,7 @@
 """Image folders too big to decode into memory: listed once, decoded on demand.
 
 With ``data.loader: dali`` (or ``auto`` on a folder whose decoded pixels would exceed
-``data.memory_limit_gb``) training reads the files through DALI every epoch (fastmice.loader.DaliBatches)
+``data.memory_limit_gb``) training reads the files through DALI every epoch (fastmice.views.batches.DaliBatches)
 and nothing holds the whole dataset. Evaluation, reports and prediction still index the dataset's
 ``images``; for such a folder that is a :class:`FileImages`, which has the shape of the in-memory
 (N, 3, S, S) uint8 tensor and decodes only the rows asked for (a batch, a cluster's thumbnails), with
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastmice.data.folder import _decode, _list_images, _report_skipped, resolve_roots
-from fastmice.data.sources import DataError, ImageDataset
+from fastmice.data.folder import decode_image, list_folder_images, report_skipped, resolve_roots
+from fastmice.data.dataset import DataError, ImageDataset
 
 LOADERS = ("auto", "memory", "dali")
 
@@ -70,7 +70,7 @@ class FileImages:
 
     def _decode_row(self, row: int) -> np.ndarray:
         try:
-            return _decode(self.paths[row], self.size).transpose(2, 0, 1)
+            return decode_image(self.paths[row], self.size).transpose(2, 0, 1)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for malformed files
             raise DataError(f"cannot decode {self.paths[row]}: {type(e).__name__}: {e} (its header read "
                             f"when the folder was listed; remove or replace the file)") from e
@@ -147,10 +147,10 @@ def stream_image_folder(roots: str | Path | Sequence[str | Path], image_size: in
     roots = resolve_roots(roots)
     if isinstance(splits, str):
         splits = [splits]
-    files, labels, class_names = _list_images(roots, splits)
+    files, labels, class_names = list_folder_images(roots, splits)
     headers = check_headers(files, num_workers, progress)
     skipped = [(f, h) for f, h in zip(files, headers) if isinstance(h, str)]
-    _report_skipped(skipped, len(files), on_corrupt)
+    report_skipped(skipped, len(files), on_corrupt)
     keep = [i for i, h in enumerate(headers) if not isinstance(h, str)]
     if not keep:
         raise DataError(f"none of the {len(files)} images under {roots[0]} could be read "
@@ -182,7 +182,7 @@ def stream_folder(cfg: Any) -> bool:
         return True
     with warnings.catch_warnings():   # the reader that runs next lists the folder again and says it once
         warnings.simplefilter("ignore")
-        files, _, _ = _list_images(resolve_roots(cfg.root), cfg.splits)
+        files, _, _ = list_folder_images(resolve_roots(cfg.root), cfg.splits)
     side = cfg.image_size
     if side is None:
         wh = next((h for h in map(_header, files[:16]) if isinstance(h, tuple)), None)

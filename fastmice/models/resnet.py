@@ -5,8 +5,12 @@ import beside every torch build we support). The output is the global-average-po
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+from fastmice.core.errors import ConfigError
 
 # name -> blocks per stage (BasicBlock everywhere: 18/34 are the paper's; "small" is for CPU-sized runs).
 ARCHS: dict[str, tuple[int, int, int, int]] = {
@@ -63,3 +67,23 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:       # (B, 3, H, W) -> (B, 8 * width)
         x = self.stages(self.stem(x))
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+@dataclass
+class BackboneConfig:
+    """The `backbone:` section: the ResNet every method's student (and teacher) is built on."""
+    arch: str = "resnet34"          # resnet34 (paper) | resnet18 | resnet10
+    stem: str = "cifar"             # cifar: 3x3 stride-1 conv, no max-pool; imagenet: 7x7/2 + max-pool (96 px)
+    width: int = 64                 # channels of the first stage
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"backbone.arch={self.arch!r} is not one of {sorted(ARCHS)}")
+        if self.stem not in ("cifar", "imagenet"):
+            raise ConfigError(f"backbone.stem must be 'cifar' or 'imagenet', got {self.stem!r}")
+        if self.width < 1:
+            raise ConfigError(f"backbone.width must be positive, got {self.width}")
+
+
+def build_backbone(cfg: BackboneConfig) -> ResNet:
+    return ResNet(cfg.arch, cfg.stem, cfg.width)

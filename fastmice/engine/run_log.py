@@ -1,0 +1,110 @@
+"""A run folder as the trainer writes it: config.yaml, metrics.jsonl (one JSON record per line) and the
+checkpoint. Rank 0 alone writes; on other ranks every method does nothing.
+
+A resumed run's log reads like the uninterrupted one's: records past the checkpoint's step (written after the
+last checkpoint by a process that was then killed) are dropped when the run starts again.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fastmice.core.checkpoint import atomic_save
+from fastmice.engine.compile import graph_breaks
+
+METRICS_NAME = "metrics.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """The state about to be checkpointed holds NaN or inf; the checkpoint on disk is left as it was."""
+
+
+def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested state (dicts, lists, tuples) holding NaN or inf, found with
+    one host synchronisation for all of them."""
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and obj.numel():
+                names.append(name)
+                tensors.append(torch.isfinite(obj).all())
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}[{i}]")
+    walk(state, prefix)
+    if not tensors:
+        return []
+    finite = torch.stack([t.to("cpu", non_blocking=False) for t in tensors]).tolist()
+    return [n for n, ok in zip(names, finite) if not ok]
+
+
+def compile_record(mode: str, seconds: float, step: int) -> dict[str, Any]:
+    """The metrics record of train.compile's first step."""
+    from fastmice.core import distributed
+    if distributed.active():
+        return {"type": "compile", "mode": mode, "seconds": None, "step": step,
+                "skipped": "train.compile is not applied under torchrun: the teacher's all_gathers and shuffle-BN "
+                           "split the graph and DDP needs its own bucketing; the step runs eagerly"}
+    return {"type": "compile", "mode": mode, "seconds": seconds, "graph_breaks": graph_breaks(), "step": step,
+            "note": "wall time of the first step: compiling the forward and backward, plus one step"}
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.checkpoint_written = (self.run_dir / "checkpoint.pt").is_file()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / METRICS_NAME
+
+    def start(self, config: dict[str, Any], global_step: int) -> None:
+        """Create the folder, write config.yaml, and drop records past `global_step` (the resumed state)."""
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if self.metrics_path.is_file():
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= global_step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record to metrics.jsonl (once the run folder exists: speed probes write none)."""
+        if not self.enabled or not self.run_dir.is_dir():
+            return
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+        """Write `state` atomically, unless it holds NaN or inf: then raise, keeping the last good checkpoint."""
+        bad = nonfinite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
+        if bad:
+            raise NonFiniteStateError(
+                f"the model became NaN/inf ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) near step "
+                f"{state['global_step']}; not saved. " + self._kept_note())
+        atomic_save(state, path)
+        self.checkpoint_written = True
+
+    def _kept_note(self) -> str:
+        if self.checkpoint_written:
+            return f"The last good checkpoint in {self.run_dir} is kept."
+        return "No checkpoint had been written yet."
+
+    def nonfinite_message(self, step: int, epoch: int) -> str:
+        return (f"loss became NaN/inf near step {step} (epoch {epoch + 1}). " + self._kept_note()
+                + " Try a lower optim.lr or a longer optim.warmup_epochs.")
