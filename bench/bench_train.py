@@ -206,14 +206,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"--{key}={value}")
     cfg = load_config(args.config, overrides)
     if args.data == "synthetic" and args.num_images is None:
-        args.num_images = max(cfg.model.queue_size, 4 * cfg.optim.batch_size)
+        args.num_images = max(cfg.method.queue_size, 4 * cfg.optim.batch_size)
     dataset, source, data_note = load_images(args, cfg.data.image_size)
     notes = [data_note]
-    if cfg.model.queue_size > len(dataset):
-        notes.append(f"model.queue_size {cfg.model.queue_size} capped at the {len(dataset)} images")
-        overrides.append(f"--model.queue_size={len(dataset)}")
+    if cfg.method.queue_size > len(dataset):
+        notes.append(f"method.queue_size {cfg.method.queue_size} capped at the {len(dataset)} images")
+        overrides.append(f"--method.queue_size={len(dataset)}")
     if args.single_pass:
-        overrides.append("--model.single_pass=true")
+        overrides.append("--method.single_pass=true")
     cfg = load_config(args.config, overrides)
     bs = cfg.optim.batch_size
     phases = [x for x in args.phases.split(",") if x]
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="bench_train_"))
     torch.manual_seed(cfg.train.seed)
     trainer = Trainer(cfg, run_dir, dataset)              # the fast path
-    naive_cfg = load_config(args.config, [o for o in overrides if not o.startswith("--model.single_pass")])
+    naive_cfg = load_config(args.config, [o for o in overrides if not o.startswith("--method.single_pass")])
     naive = naive_copy(trainer.method)                     # same initial weights, fp32 NCHW
     if args.single_pass:
         naive.single_pass = False
@@ -239,13 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     if "dali" in paths:   # the same config and initial weights, its batches from DALI
         dali_ds = dataset if args.data == "synthetic" else _streamed(dataset, cfg.data.image_size)
         dali = Trainer(load_config(args.config, overrides + ["--data.loader=dali"]), run_dir / "dali", dali_ds)
-        dali.model.load_state_dict(trainer.method.state_dict())
+        dali.method.load_state_dict(trainer.method.state_dict())
         notes.append(f"dali: {dali_ds.images!r}" if args.data != "synthetic" else "dali: external_source")
     mem = PeakMemory(device)
     print(f"device {device_name(device)}, torch {torch.__version__}, commit {commit()}; config {args.config}: "
-          f"{cfg.model.arch} width {cfg.model.width}, K={cfg.model.num_clusters}, V={cfg.model.queue_size}, "
+          f"{cfg.backbone.arch} width {cfg.backbone.width}, K={cfg.method.num_clusters}, V={cfg.method.queue_size}, "
           f"batch {bs}, crop {crop}; fast: amp {trainer.precision.view_dtype}, channels_last "
-          f"{trainer.precision.channels_last}, compile {cfg.train.compile}, single_pass {cfg.model.single_pass}, "
+          f"{trainer.precision.channels_last}, compile {cfg.train.compile}, single_pass {cfg.method.single_pass}, "
           f"optimizer {'fused' if trainer.optimizer.param_groups[0].get('fused') else 'foreach' if trainer.optimizer.param_groups[0].get('foreach') else 'loop'}; "
           f"{steps} timed steps after {warmup} per phase")
     for n in notes:
@@ -269,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal fixed_views
         if fixed_views is None:
             trainer.feed.start_epoch()
-            _, x = trainer.feed.next_batch()
+            _, x = trainer.feed.batches.next_batch()
             gen = torch.Generator(device=device).manual_seed(1)
             from fastmice.views.augment import augment_batch
-            v32 = [augment_batch(x, cfg.augment, crop, trainer.mean, trainer.std, generator=gen) for _ in range(3)]
+            v32 = [augment_batch(x, cfg.augment, crop, trainer.feed.spec.mean, trainer.feed.spec.std, generator=gen) for _ in range(3)]
             fmt = torch.channels_last if trainer.precision.channels_last else torch.contiguous_format
             fixed_views = (v32, [v.to(trainer.precision.view_dtype).contiguous(memory_format=fmt) for v in v32])
         return fixed_views
@@ -305,22 +305,22 @@ def main(argv: list[str] | None = None) -> int:
                     def fast_views():
                         if trainer.feed.epoch_done:
                             trainer.feed.start_epoch()
-                        _, x = trainer.feed.next_batch()
+                        _, x = trainer.feed.batches.next_batch()
                         trainer.feed.advance()
-                        return trainer.views(x)
+                        return trainer.feed.views(x)
                     secs, peak = timed(fast_views, steps, warmup, device, mem)
                 elif phase == "model":
                     views = fixed()[1]
-                    secs, peak = timed(lambda: trainer.step_on_views(views, lr), steps, warmup, device, mem)
+                    secs, peak = timed(lambda: trainer.step(views, None, lr), steps, warmup, device, mem)
                 else:
                     secs, peak = timed(lambda: trainer.run_steps(1), steps, warmup, device, mem)
             elif path == "dali":
                 if phase == "data":
                     def dali_views():
-                        if dali.batches.epoch_done:
-                            dali.batches.start_epoch()
-                        views = dali.batches.next_views()
-                        dali.batches.advance()
+                        if dali.feed.epoch_done:
+                            dali.feed.start_epoch()
+                        views, _ = dali.feed.next_views()
+                        dali.feed.advance()
                         return views
                     secs, peak = timed(dali_views, steps, warmup, device, mem)
                 elif phase == "model":
@@ -353,10 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
         "device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
-        "settings": {"config": args.config, "arch": cfg.model.arch, "width": cfg.model.width,
-                     "num_clusters": cfg.model.num_clusters, "queue_size": cfg.model.queue_size, "batch_size": bs,
+        "settings": {"config": args.config, "arch": cfg.backbone.arch, "width": cfg.backbone.width,
+                     "num_clusters": cfg.method.num_clusters, "queue_size": cfg.method.queue_size, "batch_size": bs,
                      "crop_size": crop, "steps": steps, "warmup": warmup, "workers": workers, "data": args.data,
-                     "num_images": len(dataset), "compile": cfg.train.compile, "single_pass": cfg.model.single_pass,
+                     "num_images": len(dataset), "compile": cfg.train.compile, "single_pass": cfg.method.single_pass,
                      "fast_amp": str(trainer.precision.view_dtype), "channels_last": trainer.precision.channels_last,
                      "naive_transforms": views_ds.kind},
         "memory_kind": mem.kind, "results": results, "ratios": ratios,

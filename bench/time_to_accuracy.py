@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     device, bs, spe = trainer.device, cfg.optim.batch_size, trainer.feed.steps_per_epoch
     load_s = time.perf_counter() - t0
     print(f"{len(trainer.dataset)} images of {trainer.image_size}px loaded in {load_s:.1f} s; device "
-          f"{device_name(device)}; {cfg.model.arch} width {cfg.model.width}, batch {bs}, {spe} steps per epoch, "
+          f"{device_name(device)}; {cfg.backbone.arch} width {cfg.backbone.width}, batch {bs}, {spe} steps per epoch, "
           f"compile {cfg.train.compile}; budget {args.minutes:g} min")
 
     # 1. the rate: one (compiling) step, then timed steps, all within the first epoch and counted as training
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget_s": budget, "train_s": train_s, "load_s": load_s, "eval_s": eval_s, "first_step_s": first_s,
         "compile": trainer.compile_info, "rate_steps_per_s": rate, "status": status,
         "steps": steps, "samples_seen": steps * bs, "epochs": epochs_done, "planned_epochs": epochs,
-        "lr_steps": lr_steps, "batch_size": bs, "arch": cfg.model.arch, "width": cfg.model.width,
+        "lr_steps": lr_steps, "batch_size": bs, "arch": cfg.backbone.arch, "width": cfg.backbone.width,
         "primary": result["primary"],
         "acc": primary.get("acc"), "nmi": primary.get("nmi"), "ari": primary.get("ari"),
         "readouts": result["readouts"], "run_dir": str(run_dir),

@@ -16,14 +16,14 @@ cifar100_20 and stl10); without one, the embedded default trains MiCE on scikit-
 
 Any setting can be overridden as --section.key=value, e.g.
   fastmice train cifar10 --data.root=~/data/cifar10-jpeg --optim.epochs=200 --train.run_name=c10
-Sections: data, augment, model, optim, train, eval (see fastmice/config.py for every key).
+Sections: data, augment, backbone, method, optim, train, eval (fastmice/config.py; method keys: fastmice/methods/).
 
 The papers' protocols (README, "Reproducing the papers"):
   fastmice train cifar10 --seeds 0-4 --run-dir runs/t1      Table 1: 5 seeds, mean ± std beside the paper
-  fastmice train cifar10 --model.prior=uniform              a Table 3 ablation (A3); see the README's table
+  fastmice train cifar10 --method.prior=uniform              a Table 3 ablation (A3); see the README's table
   fastmice train mice_finetune_cifar10 --init-from RUN --augment-recipe randaugment     Table 4
 
-Speed: --train.compile=reduce-overhead (torch.compile of the whole forward), --model.single_pass=true,
+Speed: --train.compile=reduce-overhead (torch.compile of the whole forward), --method.single_pass=true,
 --optim.impl=fused; `fastmice train cifar10 ... --profile` writes a torch.profiler trace of 10 steps.
 
 Data too big for memory: --data.loader=dali reads the files through NVIDIA DALI every epoch (nvJPEG on the

@@ -304,7 +304,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         loaded.setdefault("name", p.stem)
         layers.append((loaded, str(p)))
-    if overrides:
+    if overrides:   # --method=NAME (the earlier spelling) is --method.name=NAME
+        overrides = [("--method.name=" + o.split("=", 1)[1]) if o.split("=", 1)[0].lstrip("-") == "method" else o
+                     for o in overrides]
         layers.append((parse_overrides(overrides), OVERRIDES))
     return _build(layers)
 

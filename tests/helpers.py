@@ -1,8 +1,15 @@
 """Helpers shared by the tests (the fixtures are in conftest.py)."""
+import importlib.util
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from fastmice.cli import main
+from fastmice.config import load_config
+from fastmice.data.sources import load_digits
+from fastmice.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = REPO.parent / "shared" / "datasets" / "cifar10-jpeg"
@@ -32,3 +39,50 @@ def make_folder(root, classes=3, per_class=24, size=(20, 20), seed=0):
             img = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(d / f"{i:03d}.jpg", quality=90)
     return root
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_trainer(tmp_path, dataset, name, **extra):
+    cfg = load_config("digits", tiny_overrides(tmp_path, **{"train.run_name": name, **extra}))
+    return Trainer(cfg, tmp_path / name, dataset)
+
+
+def assert_same_state(a: Trainer, b: Trainer):
+    sa, sb = a.method.state_dict(), b.method.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{k} differs"
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    for k in oa:
+        assert torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"])
+    assert (a.epoch, a.global_step) == (b.epoch, b.global_step)
+
+
+def write_digit_folder(root: Path, n: int, labelled: bool) -> Path:
+    """The first n bundled digits as 8 px PNGs: root/<label>/<i>.png, or flat with a nested subfolder."""
+    ds = load_digits(8)
+    for i in range(n):
+        folder = root / str(int(ds.labels[i])) if labelled else root / ("nested" if i % 2 else ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    return root
+
+
+def tiny_run(base: Path, labelled: bool = True) -> Path:
+    """A run trained once per test session (reused through its folder under the session's temp dir):
+    labelled = 320 digits in class folders, K=10; unlabelled = 48 loose digits, K=3."""
+    name = "labelled" if labelled else "unlabelled"
+    run = base / f"fastmice-{name}" / "run"
+    if (run / "checkpoint.pt").is_file():
+        return run
+    root = write_digit_folder(run.parent / "images", 320 if labelled else 48, labelled)
+    extra = {} if labelled else {"method.num_clusters": 3, "method.queue_size": 32, "optim.batch_size": 16}
+    args = ["train", "--run-dir", str(run), "--data.source=folder", f"--data.root={root}"]
+    assert main(args + tiny_overrides(run.parent, **extra)) == 0
+    return run

@@ -99,7 +99,7 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """['--model.num_clusters=20', 'optim.lr=0.5'] -> {'model': {'num_clusters': 20}, 'optim': {'lr': 0.5}}."""
+    """['--method.num_clusters=20', 'optim.lr=0.5'] -> {'method': {'num_clusters': 20}, 'optim': {'lr': 0.5}}."""
     tree: dict[str, Any] = {}
     for item in overrides:
         text = item[2:] if item.startswith("--") else item

@@ -26,9 +26,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fastmice.data.dataset import DataError, ImageDataset
+from fastmice.data.image_modes import to_rgb_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2   # 2: 16-bit and float images scaled, not saturated
 _CHUNK = 256  # images per decode task: big enough to amortise scheduling, small for a smooth bar
 _SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # suggestion order: train first
 
@@ -130,8 +131,7 @@ def decode_image(path: str, size: int | None) -> np.ndarray:
         if size is not None and im.format == "JPEG":
             im.draft("RGB", (size, size))  # DCT-domain downscale; keeps both sides >= size
         im.load()  # full decode here, so truncated files fail inside the try of the caller
-        if im.mode != "RGB":
-            im = im.convert("RGB")
+        im = to_rgb_image(im)   # 16-bit, float, palette, CMYK, LAB ... scaled to 8-bit RGB (image_modes)
         w, h = im.size
         if size is not None and (w, h) != (size, size):
             c = min(w, h)

@@ -426,7 +426,7 @@ def augment_batch(
 
     img = _resized_crop(img, top, left, h, w, flip, out_size)             # (B, 3, S, S)
 
-    def grayscale(t: Tensor) -> Tensor:
+    def maybe_gray(t: Tensor) -> Tensor:
         return torch.where(gray_on, grayscale(t).expand_as(t), t) if cfg.grayscale_p > 0 else t
 
     def jitter(t: Tensor) -> Tensor:
@@ -436,9 +436,9 @@ def augment_batch(
         return _color_jitter(t, factors, perm, blend=blend, hue=hue)
 
     if cfg.order == "moco":
-        img = jitter(grayscale(img))
+        img = jitter(maybe_gray(img))
     else:
-        img = grayscale(jitter(img))
+        img = maybe_gray(jitter(img))
         if cfg.blur_p > 0 and out_size > 1:
             k = _blur_kernel_size(out_size, cfg.blur_kernel_frac)
             img = torch.where(blur_on, _gaussian_blur(img, sigma, k), img)

@@ -109,7 +109,7 @@ class MemoryFeed:
         self.batches.load_state_dict(state, epoch=epoch)
 
     def close(self) -> None:
-        self.cancel_prefetch()
+        """Nothing to release: a pending prefetch stays (the checkpoint holds the generator from before it)."""
 
 
 class DaliFeed:

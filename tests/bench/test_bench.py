@@ -11,14 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import REPO
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import REPO, load_script
 
 
 @pytest.fixture

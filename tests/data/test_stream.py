@@ -192,9 +192,9 @@ def test_dali_views_have_the_torch_path_format(tmp_path, folder):
     t = Trainer(dali_cfg(tmp_path, folder, "fmt"), tmp_path / "fmt")
     mem = Trainer(dali_cfg(tmp_path, folder, "mem", **{"data.loader": "memory"}), tmp_path / "mem")
     assert t.loader == "dali" and isinstance(t.dataset.images, FileImages)
-    assert mem.loader == "memory" and isinstance(mem.batches, DeviceBatches)
+    assert mem.loader == "memory" and isinstance(mem.feed.batches, DeviceBatches)
     t.feed.start_epoch()
-    views = t.feed.next_views()
+    views, _ = t.feed.next_views()
     ref = mem.feed.views(mem.dataset.images[:32])
     assert len(views) == len(ref) == 3
     for v, r in zip(views, ref):
@@ -213,12 +213,12 @@ def test_dali_run_trains_evaluates_and_resumes(tmp_path, folder):
     s = t.fit()
     assert s["status"] == "max_steps" and (t.epoch, t.global_step, t.feed.pos) == (1, 3, 1)
     r = Trainer.resume(tmp_path / "run", {"train": {"max_steps": None}, "optim": {"epochs": 3}})
-    assert (r.epoch, r.global_step, r.batches.pos, r.loader) == (1, 3, 1, "dali")
+    assert (r.epoch, r.global_step, r.feed.pos, r.loader) == (1, 3, 1, "dali")
     s = r.fit()
     assert s["status"] == "finished" and r.global_step == 6 and np.isfinite(s["loss"])
     steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in steps if e["type"] == "epoch"] == [1, 2, 3]
-    result = evaluate_model(r.model, r.dataset, r.cfg, r.device, r.run_dir, r.crop_size)
+    result = evaluate_model(r.method, r.dataset, r.cfg, r.device, r.run_dir, r.crop_size)
     post = result["readouts"]["posterior"]
     assert sum(post["cluster_sizes"]) == 72 and 0.0 <= post["acc"] <= 1.0
     assert "pixel_kmeans" not in result
@@ -228,7 +228,7 @@ def test_dali_loader_refusals(tmp_path, folder, monkeypatch):
     from fastmice.engine.trainer import Trainer
     with pytest.raises(ValueError, match="RandAugment"):
         Trainer(dali_cfg(tmp_path, folder, "ra", **{"augment.randaugment_ops": 2}), tmp_path / "ra")
-    monkeypatch.setattr("fastmice.views.dali.dali_available", lambda: False)
+    monkeypatch.setattr("fastmice.engine.data.dali_available", lambda: False)
     with pytest.raises(RuntimeError, match="pip install nvidia-dali"):
         Trainer(dali_cfg(tmp_path, folder, "nodali"), tmp_path / "nodali")
     with warnings.catch_warnings():
@@ -256,7 +256,7 @@ def test_dali_shards_split_the_global_batch(tmp_path, folder, monkeypatch):
 
     def recording(rank):
         def make(rows, seed):   # the trainer's loader, noting the dataset rows of each batch it yields
-            loader = make_loader(rows, seed)
+            loader = t.feed.batches.make_loader(rows, seed)
             assert loader.batch_size == 16
 
             class Recorder:
@@ -288,7 +288,7 @@ def test_dali_loader_on_the_gpu(tmp_path, folder):
     from fastmice.engine.trainer import Trainer
     t = Trainer(dali_cfg(tmp_path, folder, "gpu", **{"train.device": "cuda", "train.max_steps": 3}), tmp_path / "gpu")
     t.feed.start_epoch()
-    views = t.feed.next_views()
+    views, _ = t.feed.next_views()
     assert all(v.is_cuda and v.dtype == torch.bfloat16 and v.is_contiguous(memory_format=torch.channels_last)
                for v in views)
     t.feed.close()
@@ -326,8 +326,8 @@ def test_switching_loader_on_resume_keeps_the_epoch(tmp_path, folder):
     t = Trainer(dali_cfg(tmp_path, folder, "sw", **{"data.loader": "memory", "train.max_steps": 3}), tmp_path / "sw")
     t.fit()                                            # 2 steps an epoch: stops at epoch 1, pos 1
     r = Trainer.resume(tmp_path / "sw", {"data": {"loader": "dali"}, "train": {"max_steps": 5}, "optim": {"epochs": 3}})
-    assert r.loader == "dali" and (r.epoch, r.global_step, r.batches.pos, r.batches.epoch) == (1, 3, 1, 1)
-    assert r.fit()["global_step"] == 5 and r.batches.epoch == r.epoch == 2
+    assert r.loader == "dali" and (r.epoch, r.global_step, r.feed.pos, r.feed.batches.epoch) == (1, 3, 1, 1)
+    assert r.fit()["global_step"] == 5 and r.feed.batches.epoch == r.epoch == 2
     back = Trainer.resume(tmp_path / "sw", {"data": {"loader": "memory"}, "train": {"max_steps": 6}})
     assert back.loader == "memory" and back.fit()["global_step"] == 6
 

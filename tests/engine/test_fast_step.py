@@ -37,7 +37,7 @@ def make(tmp_path, dataset, amp, channels_last, **extra):
 def same_views(trainer):
     """fp32 NCHW views of one batch (the naive step's input) and the fast step's copy of them."""
     trainer.feed.start_epoch()
-    _, x = trainer.feed.next_batch()
+    _, x = trainer.feed.batches.next_batch()
     gen = torch.Generator().manual_seed(5)
     views = [augment_batch(x, trainer.cfg.augment, trainer.crop_size, trainer.feed.spec.mean, trainer.feed.spec.std, generator=gen)
              for _ in range(3)]
@@ -188,7 +188,7 @@ def test_compiled_step_matches_eager_and_records_compile_time(tmp_path, digits_s
     loss = {m: [r["loss"] for r in recs if r["type"] == "step"] for m, (_, recs) in runs.items()}
     assert len(loss["off"]) == len(loss["default"]) == 1
     assert loss["default"][0] == pytest.approx(loss["off"][0], rel=1e-4)
-    se, sc = eager[0].model.state_dict(), compiled[0].model.state_dict()
+    se, sc = eager[0].method.state_dict(), compiled[0].method.state_dict()
     for name in ("student.backbone.stem.0.weight", "teacher.experts.weight", "queue", "mu"):
         torch.testing.assert_close(sc[name], se[name], rtol=1e-4, atol=1e-4, msg=name)
 

@@ -39,9 +39,9 @@ def test_mice_beats_pixel_kmeans_on_digits(tmp_path):
 
 METHOD_SETTINGS = {
     "moco": ["--method.tau=0.2"],
-    "simclr": ["--optim.name=adam", "--optim.lr=1e-3", "--optim.schedule=cosine", "--method.tau=0.5",
+    "simclr": ["--optim.name=adam", "--optim.lr=1e-3", "--optim.schedule=cosine", "--method.temperature=0.5",
                "--method.embed_dim=32", "--method.hidden_dim=128"],
-    "mixem": ["--optim.name=adam", "--optim.lr=1e-3", "--optim.schedule=cosine", "--method.tau=0.5",
+    "mixem": ["--optim.name=adam", "--optim.lr=1e-3", "--optim.schedule=cosine", "--method.temperature=0.5",
               "--method.embed_dim=32", "--method.hidden_dim=128"],
 }
 

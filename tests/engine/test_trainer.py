@@ -5,26 +5,10 @@ import signal
 import pytest
 import torch
 
-from tests.helpers import tiny_overrides
+from tests.helpers import assert_same_state, make_trainer, tiny_overrides
 from fastmice.core.checkpoint import load_checkpoint
 from fastmice.config import load_config
 from fastmice.engine.trainer import NonFiniteLossError, Trainer, learning_rate
-
-
-def make_trainer(tmp_path, dataset, name, **extra):
-    cfg = load_config("digits", tiny_overrides(tmp_path, **{"train.run_name": name, **extra}))
-    return Trainer(cfg, tmp_path / name, dataset)
-
-
-def assert_same_state(a: Trainer, b: Trainer):
-    sa, sb = a.method.state_dict(), b.method.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), f"{k} differs"
-    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
-    for k in oa:
-        assert torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"])
-    assert (a.epoch, a.global_step) == (b.epoch, b.global_step)
 
 
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path, digits_small):

@@ -9,36 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import tiny_overrides
+from tests.helpers import tiny_overrides, tiny_run, write_digit_folder
 from fastmice.api import Clustering
 from fastmice.cli import main
 from fastmice.data.sources import DataError, load_digits
 from fastmice.eval.predict import NpyRowWriter, add_predict_arguments, list_images, predict
 from fastmice.eval.run import load_run
-
-
-def write_digit_folder(root: Path, n: int, labelled: bool) -> Path:
-    """The first n bundled digits as 8 px PNGs: root/<label>/<i>.png, or flat with a nested subfolder."""
-    ds = load_digits(8)
-    for i in range(n):
-        folder = root / str(int(ds.labels[i])) if labelled else root / ("nested" if i % 2 else ".")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
-    return root
-
-
-def tiny_run(base: Path, labelled: bool = True) -> Path:
-    """A run trained once per test session (reused through its folder under the session's temp dir):
-    labelled = 320 digits in class folders, K=10; unlabelled = 48 loose digits, K=3."""
-    name = "labelled" if labelled else "unlabelled"
-    run = base / f"fastmice-{name}" / "run"
-    if (run / "checkpoint.pt").is_file():
-        return run
-    root = write_digit_folder(run.parent / "images", 320 if labelled else 48, labelled)
-    extra = {} if labelled else {"method.num_clusters": 3, "method.queue_size": 32, "optim.batch_size": 16}
-    args = ["train", "--run-dir", str(run), "--data.source=folder", f"--data.root={root}"]
-    assert main(args + tiny_overrides(run.parent, **extra)) == 0
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +127,7 @@ def test_cli_and_api_agree(run_dir, image_tree, tmp_path, capsys):
     csv_conf = np.array([float(r["confidence"]) for r in rows])
 
     api = Clustering.load(run_dir, device="cpu")
-    assert api.num_clusters == 10 and api.config.model.num_clusters == 10 and api.image_size == 8
+    assert api.num_clusters == 10 and api.config.method.num_clusters == 10 and api.image_size == 8
     clusters, conf = api.predict(paths)
     np.testing.assert_array_equal(clusters, csv_clusters)
     np.testing.assert_allclose(conf, csv_conf, atol=1e-6)

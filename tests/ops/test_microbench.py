@@ -17,7 +17,7 @@ from fastmice.views.augment import MOCO_V1, augment_batch
 from fastmice.ops.kmeans import spherical_kmeans
 from fastmice.ops.mice_elbo import mice_elbo_reference
 from fastmice.ops.metrics import cluster_metrics
-from test_bench import load_script
+from tests.helpers import load_script
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 bench_kernels = load_script("bench_kernels")

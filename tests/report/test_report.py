@@ -15,7 +15,7 @@ from PIL import Image
 
 from fastmice.data.sources import ImageDataset
 from fastmice.report.html_report import add_report_arguments, make_report, read_epochs, write_cluster_sheets
-from test_predict import tiny_run
+from tests.helpers import tiny_run
 
 
 class _Sources(HTMLParser):

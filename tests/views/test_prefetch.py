@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from test_train import assert_same_state, make_trainer
+from tests.helpers import assert_same_state, make_trainer
 from fastmice.views.prefetch import ViewPrefetcher
 from fastmice.engine.trainer import Trainer
 
@@ -10,7 +10,7 @@ from fastmice.engine.trainer import Trainer
 def test_prefetch_on_and_off_train_identically(tmp_path, digits_small):
     on = make_trainer(tmp_path, digits_small, "on")
     off = make_trainer(tmp_path, digits_small, "off", **{"train.prefetch": "false"})
-    assert on.prefetcher is not None and off.prefetcher is None
+    assert on.feed.prefetcher is not None and off.feed.prefetcher is None
     on.fit()
     off.fit()
     assert_same_state(on, off)
@@ -23,7 +23,7 @@ def test_resume_with_a_prefetched_batch_pending_equals_no_prefetch(tmp_path, dig
     off.fit()
     part = make_trainer(tmp_path, digits_small, "part", **{"train.max_steps": 13})
     part.fit()
-    assert part.prefetcher._ahead is not None                     # step 14's views, made ahead
+    assert part.feed.prefetcher._ahead is not None                     # step 14's views, made ahead
     resumed = Trainer.resume(tmp_path / "part", {"train": {"max_steps": None}}, digits_small)
     resumed.fit()
     assert_same_state(off, resumed)
