@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import warnings
 from pathlib import Path
 
 DEFAULT_CONFIG = "digits"
@@ -43,8 +46,8 @@ def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmice.config import load_config, parse_overrides
-    from fastmice.eval.evaluate import evaluate_model, format_results
-    from fastmice.engine.trainer import Trainer
+    from fastmice.engine.run_folder import check_new_run
+    from fastmice.engine.trainer import Trainer, default_run_dir
 
     if args.init_from and not args.resume:
         overrides = overrides + [f"--train.init_from={args.init_from}"]
@@ -58,15 +61,58 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.resume:
         if args.config:
             print("note: --resume uses the config saved in the run folder; CONFIG is ignored", file=sys.stderr)
-        trainer = Trainer.resume(args.resume, parse_overrides(overrides))
-        print(f"resuming {trainer.run_dir} at epoch {trainer.epoch}, step {trainer.global_step}")
-    else:
-        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
-        trainer = Trainer(cfg, args.run_dir)
+        with run_lock(args.resume):
+            trainer = _quiet_skips(lambda: Trainer.resume(args.resume, parse_overrides(overrides)))
+            if trainer.finished and (trainer.run_dir / "eval.json").is_file():
+                print(f"{trainer.run_dir} has finished training (epoch {trainer.epoch} of "
+                      f"{trainer.cfg.optim.epochs}, step {trainer.global_step}) and is evaluated: nothing to resume. "
+                      f"`fastmice eval {trainer.run_dir}` evaluates it again; --optim.epochs=N (N > {trainer.epoch}) "
+                      f"or a larger --train.max_steps trains on.")
+                return 0
+            if trainer.finished:
+                print(f"{trainer.run_dir} has finished training (epoch {trainer.epoch}, step "
+                      f"{trainer.global_step}) but has no eval.json: evaluating it")
+                return _evaluate(trainer)
+            print(f"resuming {trainer.run_dir} at epoch {trainer.epoch}, step {trainer.global_step}")
+            return _train_and_evaluate(trainer, args)
+    cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    with run_lock(run_dir):
+        if is_rank0():
+            check_new_run(run_dir)
+        trainer = _quiet_skips(lambda: Trainer(cfg, run_dir))
         print(f"run folder: {trainer.run_dir}")
+        return _train_and_evaluate(trainer, args)
+
+
+def is_rank0() -> bool:
+    """Rank 0 of a torchrun job (before the process group exists), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_lock(run_dir: str | Path):
+    """The run folder's writer lock (rank 0 only: the other ranks of a torchrun job write nothing)."""
+    from fastmice.engine.run_folder import RunFolderLock
+    return RunFolderLock(run_dir) if is_rank0() else contextlib.nullcontext()
+
+
+def _quiet_skips(build):
+    """Build the trainer without the data readers' warning about unreadable files: the train command lists them
+    all in the run folder instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="skipped .* unreadable image")
+        return build()
+
+
+def _train_and_evaluate(trainer, args: argparse.Namespace) -> int:
     ds = trainer.dataset
-    print(f"data: {ds.name}, {len(ds)} images of {trainer.image_size}px"
-          + (f", {len(ds.skipped)} unreadable skipped" if ds.skipped else "")
+    skipped_note = ""
+    if ds.skipped and is_rank0():
+        listed = trainer.run_dir / "skipped_files.txt"
+        listed.parent.mkdir(parents=True, exist_ok=True)
+        listed.write_text("".join(f"{path}\t{reason}\n" for path, reason in ds.skipped))
+        skipped_note = f", {len(ds.skipped)} unreadable skipped (listed in {listed})"
+    print(f"data: {ds.name}, {len(ds)} images of {trainer.image_size}px{skipped_note}"
           + f"; device {trainer.device}; {trainer.feed.steps_per_epoch} steps per epoch; "
           + ("read by DALI every epoch (data.loader=dali)" if trainer.loader == "dali" else
              "held in memory (data.loader=memory)"))
@@ -85,12 +131,19 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
           f"loss {summary['loss']:.4f}")
     if summary["status"] == "interrupted":
         return 130
-    if trainer.cfg.eval.at_end:
-        result = evaluate_model(trainer.method, ds, trainer.cfg, trainer.device, trainer.run_dir,
-                                trainer.crop_size, trainer.precision.autocast, trainer.precision.channels_last)
-        print(format_results(result))
-        print(f"written to {trainer.run_dir}: eval.json, assignments.csv, cluster_sizes.png"
-              + (", confusion.png" if ds.labels is not None else ""))
+    return _evaluate(trainer) if trainer.cfg.eval.at_end else 0
+
+
+def _evaluate(trainer) -> int:
+    from fastmice.eval.evaluate import evaluate_model, format_results
+
+    ds = trainer.dataset
+    result = evaluate_model(trainer.method, ds, trainer.cfg, trainer.device, trainer.run_dir,
+                            trainer.crop_size, trainer.precision.autocast, trainer.precision.channels_last)
+    print(format_results(result))
+    print(f"written to {trainer.run_dir}: eval.json, assignments.csv, cluster_sizes.png"
+          + (", confusion.png" if ds.labels is not None else ""))
+    print(f"pictures and the HTML report: fastmice report {trainer.run_dir}")
     return 0
 
 
@@ -195,18 +248,21 @@ def main(argv: list[str] | None = None) -> int:
         return run_data_command(args)
     overrides = _split_overrides(extra, parser)
     from fastmice.config import ConfigError
+    from fastmice.core.checkpoint import CheckpointError
     from fastmice.data.sources import DataError
+    from fastmice.engine.run_folder import RunFolderBusy
+    from fastmice.engine.run_log import NonFiniteLossError
     try:
+        if args.command in ("eval", "report"):   # they write into the run folder too
+            with run_lock(args.run):
+                return args.func(args, overrides)
         return args.func(args, overrides)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, RunFolderBusy) as e:
         print(f"fastmice: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        from fastmice.engine.trainer import NonFiniteLossError
-        if isinstance(e, NonFiniteLossError):
-            print(f"fastmice: error: {e}", file=sys.stderr)
-            return 3
-        raise
+    except NonFiniteLossError as e:
+        print(f"fastmice: error: {e}", file=sys.stderr)
+        return 3
     except ValueError as e:  # bad input found while building the run (queue larger than the data, ...)
         print(f"fastmice: error: {e}", file=sys.stderr)
         return 2

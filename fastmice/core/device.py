@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from fastmice.core.errors import ConfigError
+
 
 
 def resolve_device(name: str) -> torch.device:
@@ -14,7 +16,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; use auto or cpu")
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine (torch "
+                          f"{torch.__version__}, {'a CPU build' if torch.version.cuda is None else 'no GPU visible'});"
+                          f" use --train.device=auto or cpu")
     return dev
 
 

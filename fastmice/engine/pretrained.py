@@ -3,21 +3,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastmice.config import config_from_dict
 from fastmice.core.checkpoint import load_checkpoint
+from fastmice.core.state_match import load_model_state
 from fastmice.methods import Method, backbone_weights
 
 
-def load_pretrained(method: Method, path: str | Path, scope: str = "backbone") -> None:
+def load_pretrained(method: Method, path: str | Path, scope: str = "backbone",
+                    config: dict | None = None) -> None:
     """Copy the backbone weights of another run's checkpoint into every backbone of `method` (a student and
     its teacher). scope="model" copies the whole model instead (heads, teacher, prototypes, queue): MiCE
     pre-training + MiCE (Table 4)."""
-    state = load_checkpoint(path)["model"]
+    checkpoint = load_checkpoint(path)
+    state = checkpoint["model"]
     if scope == "model":
-        try:
-            method.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"init_from {path} with train.init_scope=model: the checkpoint's model does not match "
-                             f"this config's (same method, architecture, K, D and queue size needed): {e}") from e
+        load_model_state(method, state, config_from_dict(checkpoint["config"]).to_dict(), config,
+                         where=f"init_from {path}", purpose="init_from")
         return
     weights = backbone_weights(state)
     if not weights:

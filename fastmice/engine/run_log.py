@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from fastmice.core.checkpoint import atomic_save
+from fastmice.core.checkpoint import atomic_save, nonfinite_message, nonfinite_tensors
 from fastmice.engine.compile import graph_breaks
 
 METRICS_NAME = "metrics.jsonl"
@@ -25,30 +25,6 @@ class NonFiniteLossError(RuntimeError):
 
 class NonFiniteStateError(NonFiniteLossError):
     """The state about to be checkpointed holds NaN or inf; the checkpoint on disk is left as it was."""
-
-
-def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a nested state (dicts, lists, tuples) holding NaN or inf, found with
-    one host synchronisation for all of them."""
-    names: list[str] = []
-    tensors: list[torch.Tensor] = []
-
-    def walk(obj: Any, name: str) -> None:
-        if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() and obj.numel():
-                names.append(name)
-                tensors.append(torch.isfinite(obj).all())
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{name}.{k}" if name else str(k))
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, f"{name}[{i}]")
-    walk(state, prefix)
-    if not tensors:
-        return []
-    finite = torch.stack([t.to("cpu", non_blocking=False) for t in tensors]).tolist()
-    return [n for n, ok in zip(names, finite) if not ok]
 
 
 def compile_record(mode: str, seconds: float, step: int) -> dict[str, Any]:
@@ -94,9 +70,8 @@ class RunLog:
         """Write `state` atomically, unless it holds NaN or inf: then raise, keeping the last good checkpoint."""
         bad = nonfinite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
         if bad:
-            raise NonFiniteStateError(
-                f"the model became NaN/inf ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) near step "
-                f"{state['global_step']}; not saved. " + self._kept_note())
+            raise NonFiniteStateError(nonfinite_message(bad, self.run_dir, state["global_step"],
+                                                        self.checkpoint_written))
         atomic_save(state, path)
         self.checkpoint_written = True
 

@@ -20,6 +20,7 @@ from fastmice.config import Config, config_from_dict
 from fastmice.core import distributed
 from fastmice.core.checkpoint import CHECKPOINT_NAME, host_rng_state, load_checkpoint, restore_host_rng_state
 from fastmice.core.device import precision_for, resolve_device
+from fastmice.core.state_match import load_model_state
 from fastmice.data.dataset import ImageDataset
 from fastmice.data.sources import load_dataset
 from fastmice.engine.compile import compile_forward, mark_step_begin, uses_cudagraphs
@@ -56,7 +57,7 @@ class Trainer:
             raise ValueError(f"{cfg.name}: train.init_scope=model fine-tunes a pre-trained run; give it with "
                              f"--init-from RUN (or set train.init_scope=backbone)")
         if cfg.train.init_from:
-            load_pretrained(self.method, cfg.train.init_from, cfg.train.init_scope)
+            load_pretrained(self.method, cfg.train.init_from, cfg.train.init_scope, cfg.to_dict())
         if self.precision.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.method)
@@ -81,8 +82,11 @@ class Trainer:
                 "epoch_loss": self.epoch_loss, "batches": self.feed.state_dict(), "rng": host_rng_state(),
                 "image_size": self.image_size, "num_images": len(self.dataset), "time": time.time()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.method.load_state_dict(state["model"])
+    def load_state_dict(self, state: dict[str, Any], where: str = "the checkpoint") -> None:
+        """Continue from `state` (a checkpoint); a model that does not fit it is explained by the settings
+        that differ (fastmice.core.state_match), and nothing is loaded."""
+        saved = config_from_dict(state["config"], where=where).to_dict() if "config" in state else None
+        load_model_state(self.method, state["model"], saved, self.cfg.to_dict(), where=where, purpose="resume")
         if not distributed.is_main():   # the checkpoint holds the totals: rank 0 keeps them, the others restart at 0
             for t in self.method.rank_local_buffers():
                 t.zero_()
@@ -114,7 +118,7 @@ class Trainer:
         if len(trainer.dataset) != state["num_images"]:
             raise ValueError(f"the checkpoint was trained on {state['num_images']} images but the data now has "
                              f"{len(trainer.dataset)}: resume needs the same dataset")
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, where=str(Path(run_dir) / CHECKPOINT_NAME))
         return trainer
 
     # ---- one step -----------------------------------------------------------------------------------
@@ -238,7 +242,7 @@ class Trainer:
                 bar.close()
                 if self.feed.epoch_done:   # also when the stop came in the epoch's last step
                     self._end_epoch(last_loss, steps_here - start_steps, time.perf_counter() - t0)
-                if stop:
+                if stop and self.epoch < cfg.optim.epochs:   # a stop in the very last step: finished
                     status = "interrupted"
                 elif self._max_steps_reached():
                     status = "max_steps"
@@ -264,6 +268,11 @@ class Trainer:
                          torch.tensor(float(self.stop_requested), device=self.device)])
         total, n_bad, n_stop = distributed.all_reduce_sum_(t).tolist()
         return total / distributed.world(), n_bad > 0, n_stop > 0
+
+    @property
+    def finished(self) -> bool:
+        """Whether training has reached optim.epochs (or train.max_steps): fit() would do nothing."""
+        return self.epoch >= self.cfg.optim.epochs or self._max_steps_reached()
 
     def _max_steps_reached(self) -> bool:
         return self.cfg.train.max_steps is not None and self.global_step >= self.cfg.train.max_steps

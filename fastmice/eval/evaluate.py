@@ -42,6 +42,8 @@ def evaluate_model(model: Method, dataset: ImageDataset, cfg: Config, device: to
     if not distributed.is_main():
         return {"method": cfg.method.name, "readouts": {}, "skipped": "evaluated on rank 0"}
     k = cfg.method.num_clusters
+    # One class (or none) cannot be clustered meaningfully: ACC/NMI/ARI would read 100 whatever the model does.
+    scored = dataset.labels is not None and len(torch.unique(dataset.labels)) >= 2
     preds = model.readouts(out, cfg.eval, cfg.train.seed)
     primary = next(iter(preds))
     probs = model.cluster_probabilities(out)
@@ -51,15 +53,18 @@ def evaluate_model(model: Method, dataset: ImageDataset, cfg: Config, device: to
                               "primary": primary, "readouts": {}}
     for name, pred in preds.items():
         entry: dict[str, Any] = {"cluster_sizes": cluster_sizes(pred, k).tolist()}
-        if dataset.labels is not None:
+        if scored:
             entry.update({m: float(v) for m, v in cluster_metrics(dataset.labels.numpy(), pred).items()})
         result["readouts"][name] = entry
+    if dataset.labels is not None and not scored:
+        result["note"] = ("the labels hold a single class: ACC/NMI/ARI are not meaningful and are not reported "
+                          "(the folder needs images of at least two classes)")
     if probs is not None:   # k-means assignments are hard: no confidence to report
         result["confidence"] = {"mean": float(confidence.mean()), "median": float(np.median(confidence))}
-    if dataset.labels is not None and cfg.eval.linear_probe:
+    if scored and cfg.eval.linear_probe:
         result["linear_probe"] = linear_probe(out["features"], dataset.labels, seed=cfg.train.seed)
     # A folder streamed from disk (FileImages) is not decoded whole for a baseline: it can be any size.
-    if dataset.labels is not None and cfg.eval.pixel_baseline and isinstance(dataset.images, torch.Tensor):
+    if scored and cfg.eval.pixel_baseline and isinstance(dataset.images, torch.Tensor):
         base = kmeans_raw_pixels(dataset.images, dataset.num_classes or k, seed=cfg.train.seed)
         result["pixel_kmeans"] = {m: float(v) for m, v in cluster_metrics(dataset.labels.numpy(), base).items()}
 
@@ -68,7 +73,7 @@ def evaluate_model(model: Method, dataset: ImageDataset, cfg: Config, device: to
     _write_assignments(run_dir / "assignments.csv", dataset, preds, confidence)
     plot_cluster_sizes(np.asarray(result["readouts"][primary]["cluster_sizes"]),
                        run_dir / "cluster_sizes.png", title=f"{cfg.name}: cluster sizes ({primary})")
-    if dataset.labels is not None:
+    if scored:
         conf = confusion_matrix(dataset.labels.numpy(), preds[primary], num_clusters=k)
         plot_confusion(conf, run_dir / "confusion.png", class_names=dataset.class_names,
                        title=f"{cfg.name}: classes x clusters ({primary})")
@@ -119,6 +124,8 @@ def format_results(result: dict[str, Any]) -> str:
                         + (f"{100 * e['acc_many_to_one']:9.2f}" if m2o and "acc_many_to_one" in e else ""))
     else:
         rows.append(f"no labels: cluster sizes ({primary}) {readouts[primary]['cluster_sizes']}")
+    if "note" in result:
+        rows.append(f"note: {result['note']}")
     if "linear_probe" in result:
         rows.append(f"linear probe accuracy {100 * result['linear_probe']['accuracy']:.2f}")
     if "confidence" in result:

@@ -9,7 +9,9 @@ import torch
 
 from fastmice.core.checkpoint import load_checkpoint
 from fastmice.config import Config, config_from_dict
+from fastmice.core.checkpoint import CHECKPOINT_NAME
 from fastmice.core.device import precision_for, resolve_device
+from fastmice.core.state_match import load_model_state
 from fastmice.eval.inference import infer_dataset
 from fastmice.methods import Method, build_method
 
@@ -41,7 +43,9 @@ def load_run(run_dir: str | Path, device: str = "auto", overrides: dict[str, Any
     cfg = config_from_dict(state["config"], overrides, where=f"{run_dir}'s config")
     dev = resolve_device(device)
     model = build_method(cfg)
-    model.load_state_dict(state["model"])
+    saved = config_from_dict(state["config"], where=f"{run_dir}'s config").to_dict() if overrides else None
+    load_model_state(model, state["model"], saved, cfg.to_dict() if overrides else None,
+                     where=str(run_dir / CHECKPOINT_NAME), purpose="load")
     model.to(dev).eval()
     prec = precision_for(cfg, dev)
     if prec.channels_last:

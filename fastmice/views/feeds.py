@@ -46,19 +46,12 @@ class ViewSpec:
         return self.make(x, generator, distributed.shard_rows(x.shape[0]))
 
 
-class MemoryFeed:
-    """Views of a device-resident uint8 dataset (N, 3, H, W), batch by batch of a seeded permutation."""
+class Feed:
+    """What both feeds share: the position, kept by `self.batches` (DeviceBatches or DaliBatches)."""
 
-    def __init__(self, images: Tensor, batch_size: int, generator: torch.Generator, spec: ViewSpec,
-                 prefetch: bool = False):
-        self.batches = DeviceBatches(images, batch_size, generator)
-        self.spec = spec
-        self.prefetcher = ViewPrefetcher(images.device) if prefetch else None
-        if self.prefetcher is not None:
-            self.batches.before_draw = self.cancel_prefetch   # a new permutation or a loaded state
+    batches: Any
+    spec: ViewSpec
 
-    # the position, as DeviceBatches keeps it
-    images = property(lambda self: self.batches.images)
     generator = property(lambda self: self.batches.generator)
     steps_per_epoch = property(lambda self: self.batches.steps_per_epoch)
     pos = property(lambda self: self.batches.pos)
@@ -70,6 +63,24 @@ class MemoryFeed:
 
     def advance(self) -> None:
         self.batches.advance()
+
+    def load_state_dict(self, state: dict[str, Any], epoch: int = 0) -> None:
+        """`epoch`: the trainer's completed epochs (aligns a state saved by the other kind of feed)."""
+        self.batches.load_state_dict(state, epoch=epoch)
+
+
+class MemoryFeed(Feed):
+    """Views of a device-resident uint8 dataset (N, 3, H, W), batch by batch of a seeded permutation."""
+
+    def __init__(self, images: Tensor, batch_size: int, generator: torch.Generator, spec: ViewSpec,
+                 prefetch: bool = False):
+        self.batches = DeviceBatches(images, batch_size, generator)
+        self.spec = spec
+        self.prefetcher = ViewPrefetcher(images.device) if prefetch else None
+        if self.prefetcher is not None:
+            self.batches.before_draw = self.cancel_prefetch   # a new permutation or a loaded state
+
+    images = property(lambda self: self.batches.images)
 
     def cancel_prefetch(self) -> None:
         if self.prefetcher is not None:
@@ -105,14 +116,11 @@ class MemoryFeed:
             state["generator"] = self.prefetcher.generator_state(self.batches.generator)
         return state
 
-    def load_state_dict(self, state: dict[str, Any], epoch: int = 0) -> None:
-        self.batches.load_state_dict(state, epoch=epoch)
-
     def close(self) -> None:
         """Nothing to release: a pending prefetch stays (the checkpoint holds the generator from before it)."""
 
 
-class DaliFeed:
+class DaliFeed(Feed):
     """Views straight from NVIDIA DALI: `make_loader(rows, seed)` builds this process's pipeline over the rows
     (fastmice.views.batches.DaliBatches lays out the epochs and the shards)."""
 
@@ -126,17 +134,6 @@ class DaliFeed:
         self._rows_epoch = -2
 
     images = None                                  # nothing is held in memory
-    generator = property(lambda self: self.batches.generator)
-    steps_per_epoch = property(lambda self: self.batches.steps_per_epoch)
-    pos = property(lambda self: self.batches.pos)
-    epoch_done = property(lambda self: self.batches.epoch_done)
-    started = property(lambda self: self.batches.started)
-
-    def start_epoch(self) -> None:
-        self.batches.start_epoch()
-
-    def advance(self) -> None:
-        self.batches.advance()
 
     def views(self, x: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         return self.spec.shard(x, generator if generator is not None else self.batches.generator)
@@ -152,9 +149,6 @@ class DaliFeed:
 
     def state_dict(self) -> dict[str, Any]:
         return self.batches.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any], epoch: int = 0) -> None:
-        self.batches.load_state_dict(state, epoch=epoch)
 
     def close(self) -> None:
         """Release the epoch's pipeline (threads, GPU buffers)."""

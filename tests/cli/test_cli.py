@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+import warnings
 import subprocess
 import sys
 
@@ -53,10 +54,13 @@ def test_train_on_image_folder_with_a_corrupt_file(tmp_path, capsys):
     args = ["train", str("digits"), "--run-dir", str(tmp_path / "run"), "--data.source=folder",
             f"--data.root={root}", "--data.image_size=null", "--method.num_clusters=3"] + \
         tiny_overrides(tmp_path, **{"data.image_size": "null"})
-    with pytest.warns(UserWarning, match="broken.jpg"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # no raw UserWarning: the list goes to the run folder
         assert main(args) == 0
     out = capsys.readouterr().out
-    assert "120 images of 32px" in out and "1 unreadable skipped" in out
+    listed = tmp_path / "run" / "skipped_files.txt"
+    assert "120 images of 32px" in out and f"1 unreadable skipped (listed in {listed})" in out
+    assert listed.read_text().startswith(str(root / "cat" / "broken.jpg") + "\t")
     rows = list(csv.DictReader(open(tmp_path / "run" / "assignments.csv")))
     assert len(rows) == 120 and rows[0]["path"].endswith(".jpg") and rows[0]["label"] == "0"
 
