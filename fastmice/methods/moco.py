@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastmice.core.errors import ConfigError
-from fastmice.methods.base import MethodConfig
+from fastmice.methods.base import Method, MethodConfig
 from fastmice.methods.mice import QUEUE_DTYPES, MiCE, MiCEConfig
 from fastmice.models.resnet import ResNet
 
@@ -45,7 +45,7 @@ class MoCo(MiCE):
 
     def readouts(self, out, eval_cfg, seed):
         """Spherical k-means of the (single) expert embeddings, best of eval.kmeans_restarts."""
-        return super(MiCE, self).readouts(out, eval_cfg, seed)
+        return Method.readouts(self, out, eval_cfg, seed)   # the base's k-means, not MiCE's posterior readouts
 
     def cluster_probabilities(self, out):
         return None        # one expert: the clusters are k-means over the training set
