@@ -173,6 +173,9 @@ class Config:
                 raise
             except ValueError as e:   # section validators of lower layers raise plain ValueError
                 raise ConfigError(str(e)) from e
+        if self.data.loader == "dali" and self.augment.randaugment_ops:
+            raise ConfigError("data.loader=dali with RandAugment (augment.randaugment_ops): RandAugment is not in the "
+                              "DALI pipeline; use data.loader=memory (or auto) for this recipe")
         method_class(self.method.name).check_config(self)
         return self
 

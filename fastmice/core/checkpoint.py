@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import secrets
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -23,17 +24,26 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj)`` to ``path`` atomically: written to a temporary file beside it, flushed and fsynced,
     then renamed over ``path`` (and the folder fsynced), so ``path`` holds either the old complete file or
     the new one, whatever happens (an exception in torch.save, Ctrl-C, kill -9, power loss). On failure the
-    temporary file is removed and the exception propagates.
+    temporary file is removed and the exception propagates (a kill -9 leaves it: see ``stale_temporaries``).
 
     The file gets mode ``0o666 & ~umask`` (0644 under umask 022), as ``open()`` gives every other file of the
     run, instead of mkstemp's 0600, so other users of a shared file system can evaluate or resume it. The
     temporary file is created with that mode (``O_CREAT | O_EXCL``, the kernel applying the umask and any
     default ACL), so the umask is never read or changed (``os.umask`` is process-global and racy)."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """``path.write_text(text)`` (UTF-8) with ``atomic_save``'s guarantee: the old file or the new, never a part."""
+    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = path.parent / f"{path.name}.{secrets.token_hex(6)}.tmp"
+        tmp = path.parent / f"{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
         try:
             fd = os.open(tmp, flags, 0o666)
             break
@@ -41,7 +51,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             continue
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -49,6 +59,20 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def stale_temporaries(folder: str | Path) -> list[Path]:
+    """The temporary files ``atomic_save`` leaves in ``folder`` when its process is killed mid-write (kill -9,
+    power loss): ``<name>.<12 hex digits>.tmp``. Only a caller that knows nobody else writes the folder (the
+    run folder's lock holder) may delete them."""
+    pattern = re.compile(r".+\.[0-9a-f]{12}" + re.escape(TEMP_SUFFIX) + "$")
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and pattern.fullmatch(p.name))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -34,6 +34,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fastmice.core.checkpoint import CHECKPOINT_NAME, atomic_save, stale_temporaries
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -43,7 +45,6 @@ __all__ = ["LOCK_NAME", "RUN_FILES", "RunFolderBusy", "RunFolderExists", "RunFol
            "check_new_run", "lock_holder"]
 
 LOCK_NAME = ".lock"
-CHECKPOINT_NAME = "checkpoint.pt"
 # The files that mark a folder as holding a run (written by training and evaluation); config.yaml alone does
 # not (it is written before the first step, and a run that died there left nothing to keep).
 RUN_FILES = (CHECKPOINT_NAME, "eval.json", "metrics.jsonl", "assignments.csv")
@@ -139,6 +140,8 @@ class RunFolderLock:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, json.dumps(info).encode())
+            for leftover in stale_temporaries(self.run_dir):   # a writer killed mid-save; nobody else writes here
+                leftover.unlink(missing_ok=True)
         return self
 
     def _lock(self, fd: int) -> str | None:

@@ -13,10 +13,19 @@ from typing import Any
 import torch
 import yaml
 
-from fastmice.core.checkpoint import atomic_save, nonfinite_message, nonfinite_tensors
+from fastmice.core.checkpoint import atomic_save, atomic_write_text, nonfinite_message, nonfinite_tensors
 from fastmice.engine.compile import graph_breaks
 
 METRICS_NAME = "metrics.jsonl"
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as a dict; None for a blank line or the torn last line of a killed writer."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,11 +62,11 @@ class RunLog:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(yaml.safe_dump(config, sort_keys=False), self.run_dir / "config.yaml")
         if self.metrics_path.is_file():
             kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= global_step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+                    if (record := _parse(line)) is not None and record.get("step", 0) <= global_step]
+            atomic_write_text("".join(line + "\n" for line in kept), self.metrics_path)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl (once the run folder exists: speed probes write none)."""

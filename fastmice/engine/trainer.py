@@ -71,6 +71,7 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.epoch_loss = (0.0, 0)              # (sum, steps) of the epoch in progress, kept through a resume
+        self.logged_loss = (0.0, 0)             # epoch_loss at the last step record: the next covers what follows
         self.stop_requested = False
         self._compiled = None                   # train.compile: the compiled forward, built on the first step
         self.compile_info: dict[str, Any] | None = None
@@ -79,7 +80,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "model": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
-                "epoch_loss": self.epoch_loss, "batches": self.feed.state_dict(), "rng": host_rng_state(),
+                "epoch_loss": self.epoch_loss, "logged_loss": self.logged_loss, "batches": self.feed.state_dict(), "rng": host_rng_state(),
                 "image_size": self.image_size, "num_images": len(self.dataset), "time": time.time()}
 
     def load_state_dict(self, state: dict[str, Any], where: str = "the checkpoint") -> None:
@@ -96,6 +97,7 @@ class Trainer:
             group.update(f)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.epoch_loss = tuple(state.get("epoch_loss", (0.0, 0)))
+        self.logged_loss = tuple(state.get("logged_loss", self.epoch_loss))
         self.feed.load_state_dict(state["batches"], epoch=self.epoch)
         restore_host_rng_state(state["rng"])
 
@@ -208,12 +210,12 @@ class Trainer:
                     break
                 if self.feed.epoch_done:
                     self.feed.start_epoch()
-                    self.epoch_loss = (0.0, 0)
+                    self.epoch_loss = self.logged_loss = (0.0, 0)
                 start_sum, start_steps = self.epoch_loss
                 loss_sum = torch.full((), start_sum, device=self.device)
                 bad = torch.zeros((), dtype=torch.bool, device=self.device)
                 steps_here, t0 = start_steps, time.perf_counter()
-                logged_steps, logged_sum = start_steps, start_sum
+                logged_sum, logged_steps = self.logged_loss
                 bar = tqdm(total=spe, initial=self.feed.pos, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
                            disable=not (cfg.train.progress and distributed.is_main()), leave=False, dynamic_ncols=True)
                 while not self.feed.epoch_done:
@@ -222,19 +224,21 @@ class Trainer:
                     loss_sum += loss
                     bad |= ~torch.isfinite(loss)
                     stop = self.stop_requested and not distributed.active()  # several: together, at a log step
-                    last = self.feed.epoch_done or stop or self._max_steps_reached()
-                    if steps_here % cfg.train.log_every == 0 or last:
+                    # A step record at the log steps and the epoch's end only, never at a stop, so that a
+                    # stopped and resumed run logs the uninterrupted run's records (logged_loss carries over).
+                    due = steps_here % cfg.train.log_every == 0 or self.feed.epoch_done or self._max_steps_reached()
+                    if due or stop:
                         total, bad_any, stop = self._synced(loss_sum, bad)  # the only host sync
                         if bad_any:
                             raise NonFiniteLossError(self.log.nonfinite_message(self.global_step, self.epoch))
                         self.epoch_loss = (total, steps_here)
                         last_loss = total / steps_here
                         rate = (steps_here - start_steps) * cfg.optim.batch_size / (time.perf_counter() - t0)
-                        interval = steps_here - logged_steps
-                        self.log.write({"type": "step", "epoch": self.epoch + 1, "step": self.global_step,
-                                        "loss": (total - logged_sum) / max(interval, 1),
-                                        "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
-                        logged_steps, logged_sum = steps_here, total
+                        if due:
+                            self.log.write({"type": "step", "epoch": self.epoch + 1, "step": self.global_step,
+                                            "loss": (total - logged_sum) / max(steps_here - logged_steps, 1),
+                                            "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
+                            logged_sum, logged_steps = self.logged_loss = (total, steps_here)
                         bar.n = self.feed.pos
                         bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
                     if stop or self._max_steps_reached():

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fastmice.core import distributed
+from fastmice.core.checkpoint import atomic_write_text
 from fastmice.config import Config
 from fastmice.data.sources import ImageDataset, load_dataset
 from fastmice.eval.inference import infer_dataset
@@ -69,7 +70,7 @@ def evaluate_model(model: Method, dataset: ImageDataset, cfg: Config, device: to
         result["pixel_kmeans"] = {m: float(v) for m, v in cluster_metrics(dataset.labels.numpy(), base).items()}
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(json.dumps(result, indent=2), run_dir / "eval.json")   # never half an eval.json
     _write_assignments(run_dir / "assignments.csv", dataset, preds, confidence)
     plot_cluster_sizes(np.asarray(result["readouts"][primary]["cluster_sizes"]),
                        run_dir / "cluster_sizes.png", title=f"{cfg.name}: cluster sizes ({primary})")

@@ -112,6 +112,13 @@ class MiCE(MomentumMethod):
         self.register_buffer("posterior_hist", torch.zeros(self.posterior_bins))   # (10,) this epoch's q_k values
 
     # ---- configuration ---------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        super().check_config(cfg)
+        if cfg.data.loader == "dali" and cfg.method.mu_sgd_passes:
+            raise ConfigError("method.mu_sgd_passes (Appendix E) re-reads the data between epochs, which only the "
+                              "in-memory loader does; use data.loader=memory (or auto) with it")
+
     def needs_images(self) -> str | None:
         if self.mu_sgd_passes:
             return "method.mu_sgd_passes (Appendix E) re-reads the data between epochs"

@@ -1,0 +1,87 @@
+"""Every switch the README documents, end to end through the command line: each method with each switch trains
+12 steps (across the end of its first epoch of 10), evaluates, assigns new images and writes its report; the
+combinations that cannot work are refused when the config is read, before anything is built.
+"""
+import json
+
+import pytest
+
+from fastmice.cli import main
+from fastmice.config import ConfigError, load_config
+from tests.helpers import tiny_overrides, write_digit_folder
+
+# name -> (extra overrides, extra command-line arguments); "{run:NAME}" is replaced by that case's run folder.
+CASES = {
+    "mice": ({}, []),
+    "mice-A3-uniform-prior": ({"method.prior": "uniform"}, []),
+    "mice-A4-shared-head": ({"method.shared_head": "true"}, []),
+    "mice-A3+A4": ({"method.prior": "uniform", "method.shared_head": "true"}, []),
+    "mice-A5-no-class-term": ({"method.class_term": "false"}, []),
+    "mice-no-eq13": ({"method.mu_analytical": "false"}, []),
+    "mice-no-mu-grad": ({"method.mu_grad": "false"}, []),
+    "mice-omega-uniform": ({"method.omega_init": "uniform"}, []),
+    "mice-omega-learned": ({"method.omega_learned": "true"}, []),
+    "mice-appendix-E": ({"method.mu_analytical": "false", "method.mu_sgd_passes": 2}, []),
+    "mice-A3+appendix-E": ({"method.prior": "uniform", "method.mu_analytical": "false",
+                            "method.mu_sgd_passes": 2}, []),
+    "mice-overclustering": ({"method.num_clusters": 20, "method.embed_dim": 32}, []),
+    "mice-single-pass": ({"method.single_pass": "true"}, []),
+    "mice-A3+single-pass": ({"method.prior": "uniform", "method.single_pass": "true"}, []),
+    "mice-no-prefetch": ({"train.prefetch": "false"}, []),
+    "mice-dali": ({"data.loader": "dali"}, []),
+    "mice-recipe-simclr": ({}, ["--augment-recipe", "simclr"]),
+    "mice-recipe-randaugment": ({}, ["--augment-recipe", "randaugment"]),
+    "mice-init-from": ({"optim.lr": 0.1}, ["--init-from", "{run:mice}"]),
+    "moco": ({"method": "moco"}, []),
+    "moco-no-shuffle-bn": ({"method": "moco", "train.shuffle_bn": "false"}, []),
+    "simclr": ({"method": "simclr"}, []),
+    "mixem": ({"method": "mixem"}, []),
+    "mixem-confidence-max": ({"method": "mixem", "method.confidence_kind": "max"}, []),
+    "mixem-from-simclr": ({"method": "mixem"}, ["--init-from", "{run:simclr}"]),
+}
+
+
+@pytest.fixture(scope="module")
+def battery(tmp_path_factory):
+    base = tmp_path_factory.mktemp("switches")
+    images = write_digit_folder(base / "new-images", 12, labelled=False)
+    return base, images
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_switch_trains_evaluates_predicts_and_reports(name, battery, capsys):
+    base, images = battery
+    extra, args = CASES[name][0], list(CASES[name][1])
+    for i, a in enumerate(args):
+        if a.startswith("{run:"):                     # another case's run: trained first when run alone (-k)
+            source = a[len("{run:"):-1]
+            if not (base / source / "eval.json").is_file():
+                test_switch_trains_evaluates_predicts_and_reports(source, battery, capsys)
+            args[i] = str(base / source / "checkpoint.pt")
+    run = base / name
+    if not (run / "eval.json").is_file():
+        overrides = tiny_overrides(base, **{"train.max_steps": 12, "eval.kmeans_restarts": 1, **extra})
+        assert main(["train", "--run-dir", str(run)] + args + overrides) == 0, capsys.readouterr().err
+    result = json.loads((run / "eval.json").read_text())
+    assert result["readouts"] and all("acc" in r for r in result["readouts"].values())
+    state_step = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert any(json.loads(x)["type"] == "epoch" for x in (run / "metrics.jsonl").read_text().splitlines())
+    assert state_step["step"] == 12
+    assert main(["eval", str(run)]) == 0
+    out = run / "predictions.csv"
+    assert main(["predict", str(run), str(images), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 1 + 12
+    assert main(["report", str(run), "--tsne-samples", "0"]) == 0
+    assert (run / "report" / "index.html").is_file() or any(run.glob("report*.html"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"data.loader": "dali", "augment.randaugment_ops": 2}, "RandAugment"),
+    ({"data.loader": "dali", "method.mu_analytical": "false", "method.mu_sgd_passes": 2}, "mu_sgd_passes"),
+    ({"method.class_term": "false", "method.mu_analytical": "false", "method.mu_sgd_passes": 2}, "class_term"),
+    ({"method.num_clusters": 20}, "embed_dim"),              # K > D + 1 with the tiny embed_dim of 16
+    ({"method.queue_size": 16}, "queue_size"),               # smaller than a batch
+])
+def test_impossible_combinations_are_refused_when_the_config_is_read(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_config("digits", tiny_overrides(tmp_path, **overrides))
