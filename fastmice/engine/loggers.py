@@ -31,6 +31,8 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import secrets
+import string
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -207,7 +209,7 @@ class WandbLogger:
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         if run_id is None:
-            run_id = wandb.util.generate_id()
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's form
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id + "\n")
         tags = list(train.get("wandb_tags") or []) + [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
