@@ -138,7 +138,7 @@ def _key(item: Any) -> str:
 
 
 def read_offline_run(folder: Path) -> dict[str, Any]:
-    """{"id", "config" (top-level keys, values decoded), "history" (one dict per wandb.log call, W&B's own
+    """{"id", "name", "group", "tags", "config" (top-level keys, values decoded), "history" (one dict per wandb.log call, W&B's own
     _-keys dropped, histograms as {"_type", "values", "bins"}), "summary" (the last value of each key)}."""
     files = list(Path(folder).glob("run-*.wandb"))
     assert len(files) == 1, f"{folder}: expected one run-*.wandb, found {files}"
@@ -146,7 +146,8 @@ def read_offline_run(folder: Path) -> dict[str, Any]:
     for rec in wandb_records(files[0]):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            out["id"] = rec.run.run_id
+            out.update(id=rec.run.run_id, name=rec.run.display_name, group=rec.run.run_group,
+                       tags=list(rec.run.tags))
             out["config"] = {u.key: json.loads(u.value_json) for u in rec.run.config.update}
         elif kind == "history":
             row: dict[str, Any] = {}

@@ -99,6 +99,16 @@ def histogram_edges(key: str, n: int) -> np.ndarray:
     return np.arange(n + 1, dtype=np.float64)
 
 
+def coarsen(counts: np.ndarray, edges: np.ndarray, max_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most max_bins buckets: runs of ceil(n / max_bins) neighbouring buckets summed (the last run may be
+    shorter); edges (n + 1) kept at the runs' bounds."""
+    if len(counts) <= max_bins:
+        return counts, edges
+    group = -(-len(counts) // max_bins)
+    pad = (-len(counts)) % group
+    return np.pad(counts, (0, pad)).reshape(-1, group).sum(1), np.append(edges[:-1:group], edges[-1])
+
+
 def split_record(record: dict[str, Any]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """A metrics.jsonl record -> (scalars by tag, pre-binned histogram counts by tag); strings and nulls are
     left out. `type` and `step` make the tag's prefix and the x value; `epoch` is a scalar of epoch records only."""
@@ -235,11 +245,7 @@ class WandbLogger:
         self.run.log({"global_step": step, **values})
 
     def histogram(self, step: int, name: str, counts: np.ndarray, edges: np.ndarray) -> None:
-        if len(counts) > WANDB_MAX_BINS:   # e.g. K > 512 clusters: neighbouring buckets summed
-            group = -(-len(counts) // WANDB_MAX_BINS)
-            pad = (-len(counts)) % group
-            counts = np.pad(counts, (0, pad)).reshape(-1, group).sum(1)
-            edges = np.append(edges[:-1:group], edges[-1])
+        counts, edges = coarsen(counts, edges, WANDB_MAX_BINS)   # e.g. K > 512 clusters
         self.run.log({"global_step": step, name: self.wandb.Histogram(np_histogram=(counts.tolist(),
                                                                                    edges.tolist()))})
 

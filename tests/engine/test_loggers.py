@@ -11,25 +11,13 @@ import torch
 
 from tests.helpers import REPO, make_trainer, read_offline_run
 from fastmice.config import ConfigError, load_config
-from fastmice.engine.loggers import final_values, histogram_edges, split_record
+from fastmice.engine.loggers import coarsen, final_values, histogram_edges, split_record
 from fastmice.engine.trainer import Trainer
 
 # 96 digits, batches of 32: 3 steps an epoch, 2 epochs; log_every=2. Stopped at step 4 (epoch 2, after one
 # step) and resumed, the run logs steps 2, 3 (epoch 1's end), 4 (the stop), 5, 6 (epoch 2's end).
 STEPS = [2, 3, 4, 5, 6]
 EPOCH_STEPS = [3, 6]
-
-
-@pytest.fixture
-def offline_wandb(tmp_path, monkeypatch):
-    """wandb offline, quiet, with its settings, cache and data under the test's folder."""
-    for var, sub in (("WANDB_DIR", "wandb-dir"), ("WANDB_CONFIG_DIR", "wandb-config"),
-                     ("WANDB_CACHE_DIR", "wandb-cache"), ("WANDB_DATA_DIR", "wandb-data")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_PROJECT", "WANDB_TAGS", "WANDB_RUN_GROUP", "WANDB_API_KEY"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def records(run, kind):
@@ -44,6 +32,10 @@ def test_records_become_tags_by_hand():
                                                          "epoch/posterior_hist": [1, 2]}
     assert histogram_edges("epoch/cluster_sizes", 3).tolist() == [0, 1, 2, 3]
     assert histogram_edges("epoch/posterior_hist", 2).tolist() == [0.0, 0.5, 1.0]
+    counts, edges = coarsen(np.array([1, 2, 3, 4, 5]), np.arange(6.0), 2)   # W&B's 512-bucket limit, here 2
+    assert counts.tolist() == [6, 9] and edges.tolist() == [0, 3, 5]
+    counts, edges = coarsen(np.array([1, 2]), np.arange(3.0), 2)
+    assert counts.tolist() == [1, 2] and edges.tolist() == [0, 1, 2]
     scalars, _ = split_record({"type": "eval", "epoch": 1, "step": 10, "posterior": {"acc": 0.5, "nmi": 0.25},
                                "linear_probe": {"accuracy": 0.75, "train": 8}})
     assert scalars == {"probe/posterior/acc": 0.5, "probe/posterior/nmi": 0.25,
@@ -69,11 +61,11 @@ def test_tensorboard_and_wandb_follow_metrics_jsonl_across_a_resume(tmp_path, di
     from torch.utils.tensorboard import SummaryWriter
 
     data = digits_small.subset(torch.arange(96))
-    part = make_trainer(tmp_path, data, "run", **{"train.max_steps": 4, "train.loggers": "[tensorboard,wandb]",
+    part = make_trainer(tmp_path, data, "seed0", **{"train.max_steps": 4, "train.loggers": "[tensorboard,wandb]",
                                                   "train.wandb_tags": "[t1]"})
     assert part.fit()["status"] == "max_steps"
     part.close()
-    run = tmp_path / "run"
+    run = tmp_path / "seed0"   # named like a --seeds run: W&B groups it under its folder
     # A process killed after the checkpoint at step 4 had logged steps 5 and 6 with other values: the resumed
     # run's curves hold its own values there, once (metrics.jsonl drops such records the same way).
     with SummaryWriter(str(run / "tensorboard")) as ghost:
@@ -110,6 +102,8 @@ def test_tensorboard_and_wandb_follow_metrics_jsonl_across_a_resume(tmp_path, di
     sessions = [read_offline_run(f) for f in folders]
     run_id = (run / "wandb" / "fastmice-run-id").read_text().strip()
     assert [s["id"] for s in sessions] == [run_id, run_id]
+    assert (sessions[0]["group"], sessions[0]["name"], sessions[0]["tags"]) == (
+        tmp_path.name, f"{tmp_path.name}/seed0", ["t1"])
     assert sessions[0]["config"]["optim"]["batch_size"] == 32 and sessions[0]["config"]["train"]["seed"] == 0
     rows = [row for s in sessions for row in s["history"]]
     losses = [(r["global_step"], r["train/loss"]) for r in rows if "train/loss" in r]
