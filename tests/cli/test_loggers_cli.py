@@ -14,7 +14,7 @@ def test_train_resume_and_evaluate_into_both_dashboards(tmp_path, offline_wandb)
     root = write_digit_folder(tmp_path / "images", 64, labelled=True)
     run = tmp_path / "run"
     args = ["train", "--run-dir", str(run), "--data.source=folder", f"--data.root={root}",
-            "--train.loggers=tensorboard,wandb", "--train.wandb_project=fm-test"]
+            "--train.loggers=tensorboard,wandb", "--train.wandb_project=fm-test", "--eval.probe_every=1"]
     # 64 images, batches of 32: 2 steps an epoch, 2 epochs; stopped at step 3 (evaluated), then resumed.
     assert main(args + tiny_overrides(tmp_path, **{"train.max_steps": 3})) == 0
     first = json.loads((run / "eval.json").read_text())
@@ -28,6 +28,9 @@ def test_train_resume_and_evaluate_into_both_dashboards(tmp_path, offline_wandb)
              if json.loads(x)["type"] == "step"]
     assert steps == [2, 3, 4]
     assert [e.step for e in ea.Scalars("train/loss")] == steps
+    probes = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [(e.step, e.value) for e in ea.Scalars("probe/posterior/acc")] == pytest.approx(
+        [(r["step"], r["posterior"]["acc"]) for r in probes]) and [r["step"] for r in probes] == [2, 4]
     acc = ea.Scalars("final/acc")
     assert [e.step for e in acc] == [3, 4]
     assert [e.value for e in acc] == pytest.approx([first["readouts"][first["primary"]]["acc"], primary["acc"]])

@@ -12,6 +12,7 @@ import torch
 from tests.helpers import REPO, make_trainer, read_offline_run
 from fastmice.config import ConfigError, load_config
 from fastmice.engine.loggers import coarsen, final_values, histogram_edges, split_record
+from fastmice.engine.run_log import RunLog
 from fastmice.engine.trainer import Trainer
 
 # 96 digits, batches of 32: 3 steps an epoch, 2 epochs; log_every=2. Stopped at step 4 (epoch 2, after one
@@ -114,6 +115,17 @@ def test_tensorboard_and_wandb_follow_metrics_jsonl_across_a_resume(tmp_path, di
     assert sessions[1]["summary"]["epoch/loss"] == pytest.approx(epochs[-1]["loss"])
 
 
+def test_other_ranks_open_no_dashboard(tmp_path):
+    cfg = load_config("digits", ["--train.loggers=[tensorboard]"]).to_dict()
+    RunLog(tmp_path / "rank1", enabled=False).start(cfg, 0)   # RunLog is disabled on ranks other than 0
+    assert not (tmp_path / "rank1").exists()
+    log = RunLog(tmp_path / "rank0")
+    log.start(cfg, 0)
+    log.write({"type": "step", "epoch": 1, "step": 2, "loss": 0.5, "lr": 0.1, "samples_per_s": 10.0})
+    log.close()
+    assert len(list((tmp_path / "rank0" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
 def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
 
@@ -143,13 +155,16 @@ def test_missing_package_is_one_line_before_training(tmp_path):
         "from fastmice.cli import main\n"
         "for name in ('tensorboard', 'wandb'):\n"
         f"    print(main(['train', '--run-dir', {str(tmp_path)!r} + '/' + name, '--train.loggers=' + name]"
+        f" + tiny_overrides({str(tmp_path)!r})))\n"
+        f"print(main(['train', '--seeds', '0,1', '--run-dir', {str(tmp_path)!r} + '/sweep', '--train.loggers=wandb']"
         f" + tiny_overrides({str(tmp_path)!r})))\n")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["2", "2"]
+    assert proc.stdout.split() == ["2", "2", "2"]
     errors = proc.stderr.strip().splitlines()
-    assert len(errors) == 2, proc.stderr
+    assert len(errors) == 3, proc.stderr
+    assert errors[2] == errors[1]   # a --seeds sweep: once, before the first seed
     assert errors[0].startswith("fastmice: error: train.loggers includes tensorboard")
     assert 'pip install "fastmice[tensorboard]"' in errors[0]
     assert errors[1].startswith("fastmice: error: train.loggers includes wandb")
     assert 'pip install "fastmice[wandb]"' in errors[1]
-    assert not any(tmp_path.glob("*/metrics.jsonl"))
+    assert not any(tmp_path.glob("*/metrics.jsonl")) and not (tmp_path / "sweep").exists()
