@@ -38,7 +38,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fastmice.config import LOGGER_NAMES  # noqa: F401 - the names train.loggers accepts
 from fastmice.core.errors import ConfigError
 
 # logger -> (the module it needs, the extra that installs it)
@@ -192,7 +191,7 @@ class TensorBoardLogger:
 
         # Written into this run's own event file (SummaryWriter.add_hparams would open a sub-run per call);
         # the metrics named are the final/ scalars logged at the end.
-        writer = self.writer._get_file_writer()  # noqa: SLF001 - torch's documented-by-use way to do this
+        writer = self.writer.file_writer   # (made by SummaryWriter's constructor)
         for summary in hparams(flat_config(config), {f"final/{m}": 0.0 for m in ("acc", "nmi", "ari")}):
             writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
