@@ -170,15 +170,15 @@ def _evaluate(trainer) -> int:
 
 def _train_seeds(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmice.config import load_config
+    from fastmice.engine.loggers import require
     from fastmice.report.seeds import default_group_dir, format_summary, parse_seeds, run_seeds
 
     if args.resume:
         raise ValueError("--seeds and --resume: to continue a group of seeds, run the same --seeds command "
                          "with --run-dir GROUP (finished seeds are skipped, interrupted ones resume)")
     seeds = parse_seeds(args.seeds)
-    from fastmice.engine.loggers import require
     cfg = load_config(args.config or DEFAULT_CONFIG, overrides)   # fail here, not once per seed
-    require(cfg.train.loggers)
+    require(cfg.train.loggers)                                    # a dashboard's package: once, here too
     group = Path(args.run_dir) if args.run_dir else default_group_dir(args.config, cfg.train.out_dir)
     print(f"{len(seeds)} seeds into {group}")
     summary = run_seeds(args.config, overrides, seeds, group, parallel=args.parallel)
