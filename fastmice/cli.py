@@ -29,6 +29,14 @@ The papers' protocols (README, "Reproducing the papers"):
 Speed: --train.compile=reduce-overhead (torch.compile of the whole forward), --method.single_pass=true,
 --optim.impl=fused; `fastmice train cifar10 ... --profile` writes a torch.profiler trace of 10 steps.
 
+Dashboards beside metrics.jsonl: --train.loggers=tensorboard (RUN/tensorboard; watch with
+`tensorboard --logdir runs/`), --train.loggers=wandb (Weights & Biases; --train.wandb_project, _entity,
+_group, _tags, _mode=offline|disabled, or WANDB_PROJECT, WANDB_MODE, ...; offline runs upload with
+`wandb sync RUN/wandb/offline-run-*`), or both: --train.loggers=tensorboard,wandb. Loss, lr and samples/s
+every log step, cluster sizes and posterior histograms every epoch, probe and final ACC/NMI/ARI, the
+confusion and cluster-size pictures, the config as hyperparameters; --resume continues the same curves.
+Needs pip install "fastmice[tensorboard]" / "fastmice[wandb]".
+
 Data too big for memory: --data.loader=dali reads the files through NVIDIA DALI every epoch (nvJPEG on the
 GPU); the default, auto, does so for a folder whose decoded images exceed --data.memory_limit_gb (16).
 """
@@ -72,9 +80,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             if trainer.finished:
                 print(f"{trainer.run_dir} has finished training (epoch {trainer.epoch}, step "
                       f"{trainer.global_step}) but has no eval.json: evaluating it")
-                return _evaluate(trainer)
+                return _closing(trainer, lambda: _evaluate(trainer))
             print(f"resuming {trainer.run_dir} at epoch {trainer.epoch}, step {trainer.global_step}")
-            return _train_and_evaluate(trainer, args)
+            return _closing(trainer, lambda: _train_and_evaluate(trainer, args))
     cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     with run_lock(run_dir):
@@ -82,7 +90,19 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             check_new_run(run_dir)
         trainer = _quiet_skips(lambda: Trainer(cfg, run_dir))
         print(f"run folder: {trainer.run_dir}")
-        return _train_and_evaluate(trainer, args)
+        return _closing(trainer, lambda: _train_and_evaluate(trainer, args))
+
+
+def _closing(trainer, body) -> int:
+    """body() (training and evaluation), then the run's dashboards closed with its exit status (W&B: the run
+    is marked finished, or failed with the exception's status)."""
+    try:
+        code = body()
+    except BaseException:
+        trainer.close(exit_code=1)
+        raise
+    trainer.close(exit_code=code)
+    return code
 
 
 def is_rank0() -> bool:
@@ -140,6 +160,7 @@ def _evaluate(trainer) -> int:
     ds = trainer.dataset
     result = evaluate_model(trainer.method, ds, trainer.cfg, trainer.device, trainer.run_dir,
                             trainer.crop_size, trainer.precision.autocast, trainer.precision.channels_last)
+    trainer.log.final(result, trainer.cfg.to_dict(), trainer.global_step)   # to the dashboards (train.loggers)
     print(format_results(result))
     print(f"written to {trainer.run_dir}: eval.json, assignments.csv, cluster_sizes.png"
           + (", confusion.png" if ds.labels is not None else ""))
@@ -149,6 +170,7 @@ def _evaluate(trainer) -> int:
 
 def _train_seeds(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmice.config import load_config
+    from fastmice.engine.loggers import require
     from fastmice.report.seeds import default_group_dir, format_summary, parse_seeds, run_seeds
 
     if args.resume:
@@ -156,6 +178,7 @@ def _train_seeds(args: argparse.Namespace, overrides: list[str]) -> int:
                          "with --run-dir GROUP (finished seeds are skipped, interrupted ones resume)")
     seeds = parse_seeds(args.seeds)
     cfg = load_config(args.config or DEFAULT_CONFIG, overrides)   # fail here, not once per seed
+    require(cfg.train.loggers)                                    # a dashboard's package: once, here too
     group = Path(args.run_dir) if args.run_dir else default_group_dir(args.config, cfg.train.out_dir)
     print(f"{len(seeds)} seeds into {group}")
     summary = run_seeds(args.config, overrides, seeds, group, parallel=args.parallel)

@@ -34,6 +34,7 @@ __all__ = ["Config", "ConfigError", "bundled_configs", "config_from_dict", "load
 # train.compile: torch.compile modes of the whole training step (see fastmice.engine.compile)
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIM_IMPLS = ("auto", "fused", "foreach", "loop")
+LOGGER_NAMES = ("jsonl", "tensorboard", "wandb")   # train.loggers (fastmice.engine.loggers)
 SECTIONS = ("data", "augment", "backbone", "method", "optim", "train", "eval")
 
 
@@ -118,8 +119,28 @@ class TrainConfig:
     # Memory loader: augment the next batch (on a side CUDA stream) while the step runs. The same random draws in
     # the same order, so training is identical with it on or off; off only to measure what it saves.
     prefetch: bool = True
+    # Dashboards beside metrics.jsonl (always written: the report and summaries read it): jsonl | tensorboard
+    # (RUN/tensorboard; pip install "fastmice[tensorboard]") | wandb (Weights & Biases, files in RUN/wandb;
+    # pip install "fastmice[wandb]"), several at once: --train.loggers=[tensorboard,wandb] or tensorboard,wandb.
+    # They get the records of metrics.jsonl at their steps (fastmice.engine.loggers).
+    loggers: list[str] | str = field(default_factory=lambda: ["jsonl"])
+    # W&B only; null: the environment's WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_MODE (tags: added
+    # to WANDB_TAGS), else project "fastmice", the run folder's name, a --seeds sweep's folder as the group.
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_group: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_mode: str | None = None    # online | offline (upload later: wandb sync RUN/wandb/offline-run-*) | disabled
 
     def validate(self) -> None:
+        if isinstance(self.loggers, str):   # --train.loggers=tensorboard,wandb
+            self.loggers = [n.strip() for n in self.loggers.split(",") if n.strip()]
+        unknown = [n for n in self.loggers if n not in LOGGER_NAMES]
+        if unknown or not self.loggers:
+            raise ConfigError(f"train.loggers: {', '.join(map(repr, unknown)) or 'empty'}; choose from "
+                              f"{', '.join(LOGGER_NAMES)} (several at once: [jsonl,tensorboard,wandb])")
+        if self.wandb_mode not in (None, "online", "offline", "disabled"):
+            raise ConfigError(f"train.wandb_mode must be online, offline, disabled or null, got {self.wandb_mode!r}")
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.amp not in ("auto", "bf16", "off"):

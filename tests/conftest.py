@@ -18,3 +18,15 @@ def digits_small():
     from fastmice.data.sources import load_digits
     ds = load_digits(8)
     return ds.subset(torch.arange(320))
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """wandb offline, quiet, with its settings, cache and data under the test's folder."""
+    for var, sub in (("WANDB_DIR", "wandb-dir"), ("WANDB_CONFIG_DIR", "wandb-config"),
+                     ("WANDB_CACHE_DIR", "wandb-cache"), ("WANDB_DATA_DIR", "wandb-data")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_TAGS", "WANDB_RUN_GROUP", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)

@@ -1,6 +1,9 @@
 """Helpers shared by the tests (the fixtures are in conftest.py)."""
 import importlib.util
+import json
+import struct
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -86,3 +89,78 @@ def tiny_run(base: Path, labelled: bool = True) -> Path:
     args = ["train", "--run-dir", str(run), "--data.source=folder", f"--data.root={root}"]
     assert main(args + tiny_overrides(run.parent, **extra)) == 0
     return run
+
+
+# ---- wandb offline runs, read back ----------------------------------------------------------------------
+# wandb 0.31 writes an offline run (RUN/wandb/offline-run-<time>-<id>/) as one binary file, run-<id>.wandb, and
+# no files/wandb-summary.json or files/config.yaml (those appear only online); it ships no public reader of that
+# file either (the Python `datastore` module of older versions is gone). The file is a LevelDB-style log: a 7-byte
+# header (b":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each `<uint32 crc><uint16 length>
+# <uint8 type>` + payload (type 1 whole, 2/3/4 first/middle/last part of a record), the tail of a block shorter
+# than a chunk header zero-padded. Each record is a `wandb.proto.wandb_internal_pb2.Record`: `run` (id, config),
+# `history` (one wandb.log call: items of nested_key + value_json), `summary`, `metric` (define_metric), `exit`.
+
+WANDB_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
+WANDB_BLOCK = 32 * 1024
+WANDB_CHUNK_HEADER = 7
+
+
+def wandb_records(path: Path) -> Iterator[Any]:
+    """The protobuf Records of a run-<id>.wandb file, in order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:len(WANDB_HEADER)] == WANDB_HEADER, f"{path}: not a wandb log file (header {data[:7]!r})"
+    pos, parts = len(WANDB_HEADER), b""
+    while pos + WANDB_CHUNK_HEADER <= len(data):
+        left = WANDB_BLOCK - pos % WANDB_BLOCK
+        if left < WANDB_CHUNK_HEADER:   # padding at the end of a block
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + WANDB_CHUNK_HEADER])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        payload = data[pos + WANDB_CHUNK_HEADER:pos + WANDB_CHUNK_HEADER + length]
+        pos += WANDB_CHUNK_HEADER + length
+        if kind == 1:
+            yield pb.Record.FromString(payload)
+        elif kind == 2:
+            parts = payload
+        elif kind == 3:
+            parts += payload
+        elif kind == 4:
+            yield pb.Record.FromString(parts + payload)
+
+
+def _key(item: Any) -> str:
+    return "/".join(item.nested_key) if item.nested_key else item.key
+
+
+def read_offline_run(folder: Path) -> dict[str, Any]:
+    """{"id", "name", "group", "tags", "config" (top-level keys, values decoded), "history" (one dict per wandb.log call, W&B's own
+    _-keys dropped, histograms as {"_type", "values", "bins"}), "summary" (the last value of each key)}."""
+    files = list(Path(folder).glob("run-*.wandb"))
+    assert len(files) == 1, f"{folder}: expected one run-*.wandb, found {files}"
+    out: dict[str, Any] = {"id": None, "config": {}, "history": [], "summary": {}}
+    for rec in wandb_records(files[0]):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out.update(id=rec.run.run_id, name=rec.run.display_name, group=rec.run.run_group,
+                       tags=list(rec.run.tags))
+            out["config"] = {u.key: json.loads(u.value_json) for u in rec.run.config.update}
+        elif kind == "history":
+            row: dict[str, Any] = {}
+            for item in rec.history.item:
+                names = list(item.nested_key) or [item.key]
+                if names[0].startswith("_"):
+                    continue
+                if len(names) > 1 and names[-1] in ("_type", "values", "bins"):   # a histogram's fields
+                    row.setdefault("/".join(names[:-1]), {})[names[-1]] = json.loads(item.value_json)
+                else:
+                    row[_key(item)] = json.loads(item.value_json)
+            out["history"].append(row)
+        elif kind == "summary":
+            for u in rec.summary.update:
+                out["summary"][_key(u)] = json.loads(u.value_json)
+    return out

@@ -1,5 +1,6 @@
 """A run folder as the trainer writes it: config.yaml, metrics.jsonl (one JSON record per line) and the
-checkpoint. Rank 0 alone writes; on other ranks every method does nothing.
+checkpoint, and the dashboards of `train.loggers` (fastmice.engine.loggers), which get every record written to
+metrics.jsonl at its step. Rank 0 alone writes; on other ranks every method does nothing.
 
 A resumed run's log reads like the uninterrupted one's: records past the checkpoint's step (written after the
 last checkpoint by a process that was then killed) are dropped when the run starts again.
@@ -15,6 +16,7 @@ import yaml
 
 from fastmice.core.checkpoint import atomic_save, atomic_write_text, nonfinite_message, nonfinite_tensors
 from fastmice.engine.compile import graph_breaks
+from fastmice.engine.loggers import Dashboards
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -52,6 +54,7 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.checkpoint_written = (self.run_dir / "checkpoint.pt").is_file()
+        self.dashboards: Dashboards | None = None    # opened by start() (or final()), closed by close()
 
     @property
     def metrics_path(self) -> Path:
@@ -67,13 +70,41 @@ class RunLog:
             kept = [line for line in self.metrics_path.read_text().splitlines()
                     if (record := _parse(line)) is not None and record.get("step", 0) <= global_step]
             atomic_write_text("".join(line + "\n" for line in kept), self.metrics_path)
+        self.open_dashboards(config, global_step)
+
+    def open_dashboards(self, config: dict[str, Any], global_step: int) -> None:
+        """Open the loggers of config's train.loggers (once; a resumed run continues their curves at
+        `global_step`) and log the config as hyperparameters."""
+        if self.enabled and self.dashboards is None:
+            self.dashboards = Dashboards.open(config["train"].get("loggers", ["jsonl"]), self.run_dir, config,
+                                              global_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record to metrics.jsonl (once the run folder exists: speed probes write none)."""
+        """Append one record to metrics.jsonl (once the run folder exists: speed probes write none), and hand
+        it to the dashboards."""
         if not self.enabled or not self.run_dir.is_dir():
             return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.dashboards is not None:
+            self.dashboards.write(record)
+
+    def final(self, result: dict[str, Any], config: dict[str, Any], global_step: int) -> None:
+        """The evaluation at the end of training (eval.json's dict, the PNGs beside it) to the dashboards."""
+        if not self.enabled:
+            return
+        self.open_dashboards(config, global_step)
+        self.dashboards.final(result, self.run_dir, global_step)
+
+    def flush(self) -> None:
+        if self.dashboards is not None:
+            self.dashboards.flush()
+
+    def close(self, exit_code: int = 0) -> None:
+        """Close the dashboards (W&B: finish the run with `exit_code`); they reopen on the next start()."""
+        if self.dashboards is not None:
+            dashboards, self.dashboards = self.dashboards, None
+            dashboards.close(exit_code)
 
     def save_checkpoint(self, state: dict[str, Any], path: Path) -> None:
         """Write `state` atomically, unless it holds NaN or inf: then raise, keeping the last good checkpoint."""

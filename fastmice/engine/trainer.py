@@ -25,6 +25,7 @@ from fastmice.data.dataset import ImageDataset
 from fastmice.data.sources import load_dataset
 from fastmice.engine.compile import compile_forward, mark_step_begin, uses_cudagraphs
 from fastmice.engine.data import build_feed
+from fastmice.engine.loggers import require
 from fastmice.engine.optim import build_optimizer, learning_rate
 from fastmice.engine.pretrained import load_pretrained
 from fastmice.engine.run_log import NonFiniteLossError, RunLog, compile_record
@@ -40,6 +41,7 @@ def default_run_dir(cfg: Config) -> Path:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, dataset: ImageDataset | None = None):
         self.cfg = cfg
+        require(cfg.train.loggers)   # a dashboard's missing package: one line now, not after loading the data
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
         dev = distributed.init(cfg.train.device)   # torchrun, several processes: cuda:LOCAL_RANK, or cpu with gloo
         self.device = dev if dev is not None else resolve_device(cfg.train.device)
@@ -253,6 +255,7 @@ class Trainer:
                     break
         finally:
             self.feed.close()   # DALI: no pipeline (threads, GPU buffers) kept through evaluation
+            self.log.flush()    # the dashboards' buffered values on disk (they stay open for the evaluation)
             if in_main_thread:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
@@ -262,6 +265,11 @@ class Trainer:
             print(f"interrupted: checkpoint written to {self.run_dir / CHECKPOINT_NAME}; "
                   f"continue with: fastmice train --resume {self.run_dir}")
         return {"status": status, "epoch": self.epoch, "global_step": self.global_step, "loss": last_loss}
+
+    def close(self, exit_code: int = 0) -> None:
+        """Close the run's dashboards (train.loggers); W&B marks the run with `exit_code`. A later fit() reopens
+        them. The command line calls it after the evaluation."""
+        self.log.close(exit_code)
 
     def _synced(self, loss_sum: torch.Tensor, bad: torch.Tensor) -> tuple[float, bool, bool]:
         """(loss sum, any non-finite loss, stop requested) as every rank sees them: several processes average
