@@ -152,6 +152,9 @@ class EvalConfig:
     linear_probe: bool = False       # logistic regression on frozen features (labels needed)
     probe_every: int = 0             # also probe every N epochs during training (0: only at evaluation)
     pixel_baseline: bool = True      # also report k-means on raw pixels (a sanity baseline)
+    # false: infer on unnormalised images in [0, 1], as MIX'EM's public cluster_eval.py does although it trains
+    # on normalised ones (for STL-10, whose official normalisation is none, the two agree); docs/recipes.md
+    normalize: bool = True
     # Save the embeddings of a fixed subsample at epoch 1, every N epochs and at the end (RUN/embeddings/), for
     # the t-SNE of `fastmice report` across training (the paper's Fig. 2, 4, 5); 0: only the final model's.
     embed_every: int = 0
