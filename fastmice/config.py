@@ -53,10 +53,18 @@ class DataConfig(DataSourceConfig):
             raise ConfigError(f"data.std must be positive, got {self.std}")
 
 
+SCHEDULES = ("step", "cosine", "mice_official", "mixem_official")
+
+
 @dataclass
 class OptimConfig:
     name: str = "sgd"                # sgd (MiCE, MoCo) | adam (MIX'EM, SimCLR)
-    schedule: str = "step"           # step: x lr_gamma at lr_steps | cosine: to 0 over the epochs after warm-up
+    # step: x lr_gamma at lr_steps | cosine: to 0 over the epochs after warm-up (both per step, after an
+    # optional linear per-step warm-up) | mice_official: MiCE's public code, one value per epoch: e/W for
+    # e = 0..W, then x lr_gamma for each lr_step the epoch exceeds | mixem_official: MIX'EM's public code,
+    # held for W epochs, then CosineAnnealingLR(T_max=epochs) stepped once per epoch (never 0). W =
+    # warmup_epochs; engine/optim.py learning_rate() states each rule exactly.
+    schedule: str = "step"
     batch_size: int = 256            # drop_last: every step sees a full batch
     epochs: int = 1000
     lr: float = 1.0
@@ -65,7 +73,8 @@ class OptimConfig:
     mu_weight_decay: bool = True     # the public code decays mu too; the paper is silent
     lr_steps: list[int] = field(default_factory=lambda: [480, 640, 800])   # epochs where lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
-    warmup_epochs: float = 0.0       # linear warm-up from 0 (the official code: 10 epochs)
+    warmup_epochs: float = 0.0       # step/cosine: linear per-step warm-up from 0; the official schedules: W
+                                     # above (10 in both public codes)
     # How the optimizer updates the parameters; the same arithmetic, different speed. auto: fused (one kernel
     # for all parameters) on CUDA, foreach (one op per step over all tensors) elsewhere, which on the CPU
     # gives bit for bit the results of the per-parameter loop (exact resume is tested that way).
@@ -77,8 +86,8 @@ class OptimConfig:
             raise ConfigError(f"optim.impl must be one of {', '.join(OPTIM_IMPLS)}, got {self.impl!r}")
         if self.name not in ("sgd", "adam"):
             raise ConfigError(f"optim.name must be 'sgd' or 'adam', got {self.name!r}")
-        if self.schedule not in ("step", "cosine"):
-            raise ConfigError(f"optim.schedule must be 'step' or 'cosine', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError(f"optim.batch_size and optim.epochs must be >= 1, got {self.batch_size}, {self.epochs}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
@@ -164,6 +173,9 @@ class EvalConfig:
     linear_probe: bool = False       # logistic regression on frozen features (labels needed)
     probe_every: int = 0             # also probe every N epochs during training (0: only at evaluation)
     pixel_baseline: bool = True      # also report k-means on raw pixels (a sanity baseline)
+    # false: infer on unnormalised images in [0, 1], as MIX'EM's public cluster_eval.py does although it trains
+    # on normalised ones (for STL-10, whose official normalisation is none, the two agree); docs/recipes.md
+    normalize: bool = True
     # Save the embeddings of a fixed subsample at epoch 1, every N epochs and at the end (RUN/embeddings/), for
     # the t-SNE of `fastmice report` across training (the paper's Fig. 2, 4, 5); 0: only the final model's.
     embed_every: int = 0

@@ -34,10 +34,12 @@ def infer_dataset(model: torch.nn.Module, images: torch.Tensor, cfg: Any, device
                   progress: bool = False, sharded: bool = False) -> dict[str, torch.Tensor]:
     """Run model.infer over uint8 images (N, 3, H, W) (a tensor, or FileImages) in batches; outputs stay on
     `device`. sharded (several processes, every one calling this): each infers its 1/W of the rows and every
-    one gets all N outputs, in order."""
+    one gets all N outputs, in order. The images are normalised by data.mean/std, or left in [0, 1] under
+    eval.normalize: false."""
     model.eval()
-    mean = torch.tensor(cfg.data.mean, device=device)
-    std = torch.tensor(cfg.data.std, device=device)
+    norm = cfg.eval.normalize
+    mean = torch.tensor(cfg.data.mean if norm else (0.0, 0.0, 0.0), device=device)
+    std = torch.tensor(cfg.data.std if norm else (1.0, 1.0, 1.0), device=device)
     outs: dict[str, list[torch.Tensor]] = {}
     bs = cfg.eval.batch_size
     n = images.shape[0]

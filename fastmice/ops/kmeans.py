@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["spherical_kmeans", "torch_spherical_kmeans", "kmeans_raw_pixels"]
+__all__ = ["spherical_kmeans", "torch_spherical_kmeans", "euclidean_kmeans", "kmeans_raw_pixels"]
 
 _EPS = 1e-12
 # Upper bound on the elements of one (chunk x k) similarity block in the torch path (~256 MB fp32).
@@ -350,6 +350,37 @@ def spherical_kmeans(
         return labels.cpu().numpy().astype(np.int64), cents.cpu().numpy().astype(np.float32)
     return _faiss_spherical(t, k, niter=niter, seed=seed, nredo=nredo, given=given, init=init,
                             verbose=verbose, gpu=which == "faiss-gpu")
+
+
+def euclidean_kmeans(
+    x: Any,
+    k: int,
+    *,
+    init_centroids: Any = None,
+    n_init: int = 1,
+    max_iter: int = 10,
+    seed: int = 0,
+) -> np.ndarray:
+    """scikit-learn's KMeans (Lloyd, squared Euclidean distance) on x (N, D) as given (no normalisation here):
+    the readout of MIX'EM's public code (cluster_eval.py). init_centroids (k, D): the starting centres, used
+    as they are (one run, n_init must be 1); None: k-means++ seeded by `seed`, best inertia of n_init runs.
+    Returns the assignments (N,) int64 of every row to its nearest final centre (KMeans.predict). Runs on the
+    CPU (x is copied to host memory as float32)."""
+    from sklearn.cluster import KMeans
+
+    t = _as_float_tensor(x)
+    k = _check_k(k, t.shape[0])
+    data = t.cpu().numpy()
+    if init_centroids is not None:
+        init = _as_float_tensor(init_centroids, "init_centroids").cpu().numpy()
+        if init.shape != (k, data.shape[1]):
+            raise ValueError(f"init_centroids must have shape ({k}, {data.shape[1]}), got {init.shape}")
+        if n_init != 1:
+            raise ValueError(f"n_init must be 1 with init_centroids (one run from the given centres), got {n_init}")
+        km = KMeans(n_clusters=k, init=init, n_init=1, max_iter=max_iter, random_state=seed)
+    else:
+        km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=seed)
+    return km.fit(data).predict(data).astype(np.int64)
 
 
 def kmeans_raw_pixels(

@@ -121,8 +121,9 @@ def test_mixem_and_simclr_models(method, views):
 
 
 def test_mixem_readouts_use_component_initialised_kmeans():
-    """The component-initialised k-means starts from the mean of each argmax-pi group."""
-    cfg = load_config("mixem_cifar10", ["--eval.kmeans_niter=0", "--eval.kmeans_restarts=1"])
+    """The component-initialised spherical k-means starts from the mean of each argmax-pi group."""
+    cfg = load_config("mixem_cifar10", ["--eval.kmeans_niter=0", "--eval.kmeans_restarts=1",
+                                        "--method.readout=spherical"])
     torch.manual_seed(0)
     centres = F.normalize(torch.randn(10, 8), dim=1)
     truth = torch.arange(200) % 10
