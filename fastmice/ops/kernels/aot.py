@@ -9,8 +9,8 @@ memory than the target has fails in CI, not on the day a GPU is lent.
 
     python -m fastmice.ops.kernels.aot            # the whole table for sm_90 and sm_80, one line per entry
 
-Results are cached in a JSON file keyed by the Triton version and the kernels' source (a cold compile of the
-table takes minutes on two cores); FASTMICE_KERNEL_FIT_FRESH=1 ignores the cache.
+Results are cached in a JSON file per Triton version, each entry keyed by its kernel's source (a cold compile
+of the table takes minutes on two cores); FASTMICE_KERNEL_FIT_FRESH=1 ignores the cache.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class Job:
     kernel: str
     queue_dtype: str
     d: int
-    config: tuple[int, int, int, int]     # (BLOCK_B, BLOCK_V, num_warps, num_stages)
+    config: tuple[int, ...]               # (BLOCK_B, BLOCK_V, num_warps, num_stages[, BLOCK_DO])
     arch: int                             # compute capability, 90 or 80
 
     @property
@@ -70,9 +70,12 @@ def _source(job: Job):
     aligned and the integer arguments divisible by 16 except the lse row stride (K)."""
     from triton.compiler import ASTSource
     fn = KERNELS[job.kernel]
-    bb, bv, _, _ = job.config
-    const = dict(BLOCK_B=bb, BLOCK_V=bv, BLOCK_D=max(16, triton.next_power_of_2(job.d)),
+    bb, bv, _, _, *col = job.config
+    block_d = max(16, triton.next_power_of_2(job.d))
+    const = dict(BLOCK_B=bb, BLOCK_V=bv, BLOCK_D=block_d,
                  SPLIT_PREC=job.queue_dtype != "float32", UPCAST=False, FP32_PREC="tf32x3")
+    if "BLOCK_DO" in fn.arg_names:   # the backward: its output columns per program (as _plan sets them)
+        const["BLOCK_DO"] = min(col[0], block_d) if col else block_d
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -134,10 +137,14 @@ def problems(job: Job, result: dict) -> list[str]:
 
 
 def cache_file(cache_dir: Path) -> Path:
-    """One JSON file per (Triton version, kernels' source): a change to either compiles afresh."""
-    src = "".join(KERNELS[k].cache_key for k in sorted(KERNELS))
-    tag = hashlib.sha256(f"{triton.__version__}|{src}".encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"kernel-fit-{triton.__version__}-{tag}.json"
+    """The cache: one JSON file per Triton version, its entries keyed by entry_key."""
+    return Path(cache_dir) / f"kernel-fit-triton-{triton.__version__}.json"
+
+
+def entry_key(job: Job) -> str:
+    """job.key and a hash of its kernel's source (with the jit functions it calls): a change to a kernel
+    compiles that kernel's entries afresh, and only those."""
+    return f"{job.key}|{hashlib.sha256(KERNELS[job.kernel].cache_key.encode()).hexdigest()[:16]}"
 
 
 def compile_all(jobs: list[Job], cache_dir: Path | None = None, workers: int = 2,
@@ -150,7 +157,7 @@ def compile_all(jobs: list[Job], cache_dir: Path | None = None, workers: int = 2
     if path is not None and path.exists() and not fresh:
         with contextlib.suppress(ValueError, OSError):
             cached = json.loads(path.read_text())
-    todo = [j for j in dict.fromkeys(jobs) if j.key not in cached]
+    todo = [j for j in dict.fromkeys(jobs) if entry_key(j) not in cached]
 
     def save() -> None:   # after every result: an interrupted run keeps what it compiled
         if path is not None:
@@ -164,13 +171,13 @@ def compile_all(jobs: list[Job], cache_dir: Path | None = None, workers: int = 2
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
             futures = {pool.submit(compile_job, j): j for j in todo}
             for fut in as_completed(futures):
-                cached[futures[fut].key] = fut.result()
+                cached[entry_key(futures[fut])] = fut.result()
                 save()
     else:
         for j in todo:
-            cached[j.key] = compile_job(j)
+            cached[entry_key(j)] = compile_job(j)
             save()
-    return {j.key: cached[j.key] for j in jobs}
+    return {j.key: cached[entry_key(j)] for j in jobs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,4 +198,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["Job", "TARGETS", "table_jobs", "compile_job", "compile_all", "problems", "cache_file"]
+__all__ = ["Job", "TARGETS", "table_jobs", "compile_job", "compile_all", "problems", "cache_file", "entry_key"]
