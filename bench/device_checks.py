@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 GPU_TESTS = ["tests/ops/test_kernels.py", "tests/views/test_prefetch.py", "tests/engine/test_fast_step.py"]
 CIFAR_PLACES = [Path("/tmp/data/cifar10-jpeg"), REPO.parent / "shared" / "datasets" / "cifar10-jpeg"]
 MIN_PART_S = 20
+OPTIONAL_MODULES = ("yaml", "numpy", "scipy", "sklearn", "PIL", "tqdm", "matplotlib", "faiss", "nvidia.dali",
+                    "torchvision", "pytest")
 # bench_train and time_to_accuracy at tiny sizes for --dry-run (any CPU, a few seconds each)
 TINY_TRAIN = ["--arch", "resnet10", "--width", "8", "--batch-size", "16", "--steps", "2", "--warmup", "1",
               "--workers", "0", "--num-images", "64", "--override", "method.queue_size=32",
@@ -191,12 +193,15 @@ def write_digits_folder(root: Path, n: int | None = None) -> Path:
 def machine_info(env: dict) -> dict:
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
             "host": platform.node()}
-    probe = ("import torch, triton; print(torch.__version__); print(triton.__version__); "
-             "print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
+    # which of fastmice's dependencies and optional pieces this machine lacks (a bare GPU machine may lack some;
+    # the parts that need them fail, and this says why at a glance)
+    probe = ("import importlib.util, torch, triton; print(torch.__version__); print(triton.__version__); "
+             "print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'); "
+             f"print(','.join(m for m in {OPTIONAL_MODULES!r} if importlib.util.find_spec(m.split('.')[0]) is None))")
     try:
         lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env,
                                cwd=REPO).stdout.split("\n")
-        info.update(torch=lines[0], triton=lines[1], device=lines[2])
+        info.update(torch=lines[0], triton=lines[1], device=lines[2], missing=[m for m in lines[3].split(",") if m])
     except Exception as e:  # noqa: BLE001 - reported, not fatal
         info["probe_error"] = repr(e)
     try:
@@ -215,7 +220,8 @@ def markdown(summary: dict) -> str:
     m = summary["machine"]
     lines = [f"# Device checks{' (dry run, CPU)' if summary['dry_run'] else ''}", "",
              f"{m.get('device')} ({m.get('nvidia_smi', '-')}); torch {m.get('torch')}, triton {m.get('triton')}, "
-             f"Python {m.get('python')}; commit {m.get('commit')}; {m.get('date')}; data: {summary['data']}", "",
+             f"Python {m.get('python')}; commit {m.get('commit')}; {m.get('date')}; data: {summary['data']}; "
+             f"modules missing: {', '.join(m.get('missing') or []) or 'none'}", "",
              "| part | status | seconds | limit |", "|---|---|---|---|"]
     for p in summary["parts"]:
         lines.append(f"| {p['part']} {p['name']} | {p['status']} | {p['seconds']:.0f} | {p['limit']:.0f} |")

@@ -24,6 +24,7 @@ def test_dry_run_runs_every_part_and_writes_the_summaries(tmp_path):
     assert [p["part"] for p in summary["parts"]] == ["a", "a", "b", "c", "c", "d"]
     assert all(p["status"] == "ok" and 0 < p["seconds"] <= p["limit"] for p in parts.values()), parts
     assert summary["dry_run"] is True and summary["machine"]["device"] == "cpu"
+    assert isinstance(summary["machine"]["missing"], list)      # the dependency preflight ran
     assert parts["kernel_tests"]["result"]["collected"] > 100      # the GPU tests exist under -m gpu
     assert parts["gpu_tests"]["result"]["collected"] >= 2
     impls = {r["impl"] for r in parts["kernels"]["result"]["rows"]}
