@@ -18,13 +18,13 @@ import contextlib
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-import multiprocessing
 
 import triton
 
@@ -194,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
+__all__ = ["Job", "TARGETS", "table_jobs", "compile_job", "compile_all", "problems", "cache_file", "entry_key"]
+
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["Job", "TARGETS", "table_jobs", "compile_job", "compile_all", "problems", "cache_file", "entry_key"]
