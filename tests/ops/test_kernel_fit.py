@@ -5,14 +5,12 @@ ahead of time (fastmice.ops.kernels.aot: Triton's front end and the bundled ptxa
 fp16 and fp32 queues and D in {64, 128, 256}, and must need no more shared memory than the target has and
 spill no registers, so a config that cannot launch, or would run with spilled registers, fails here first.
 
-The compile results are cached under pytest's cache folder, keyed by the Triton version and the kernels'
-source (a cold compile of the table takes about two minutes on two cores; CI's clean clone always pays it);
-FASTMICE_KERNEL_FIT_FRESH=1 compiles afresh.
+The compile results are cached under pytest's cache folder, per Triton version and kernel source (a cold
+compile of the table's 107 kernels took 4-8 minutes on a 2-core machine shared with four other sessions, a
+few seconds from the cache; CI's clean clone always pays the cold cost); FASTMICE_KERNEL_FIT_FRESH=1
+compiles afresh.
 """
 from __future__ import annotations
-
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -30,9 +28,9 @@ UNSPLIT = Job("bwd", "float32", 256, (16, 16, 8, 1), 90)
 
 
 @pytest.fixture(scope="module")
-def compiled(request):
-    cache = getattr(request.config, "cache", None)
-    folder = cache.mkdir("fastmice-kernel-fit") if cache is not None else Path(tempfile.gettempdir())
+def compiled(request, tmp_path_factory):
+    cache = getattr(request.config, "cache", None)   # absent under -p no:cacheprovider: no cache kept then
+    folder = cache.mkdir("fastmice-kernel-fit") if cache is not None else tmp_path_factory.mktemp("kernel-fit")
     return compile_all(list(JOBS.values()) + [SPILLER, UNSPLIT], cache_dir=folder, workers=2)
 
 
