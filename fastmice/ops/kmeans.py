@@ -7,13 +7,15 @@ without FAISS can still cluster with the torch implementation.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["spherical_kmeans", "torch_spherical_kmeans", "euclidean_kmeans", "kmeans_raw_pixels"]
+__all__ = ["spherical_kmeans", "torch_spherical_kmeans", "euclidean_kmeans", "kmeans_raw_pixels", "pick_backend",
+           "faiss_has_gpu"]
 
 _EPS = 1e-12
 # Upper bound on the elements of one (chunk x k) similarity block in the torch path (~256 MB fp32).
@@ -55,6 +57,7 @@ def _prepare_init(init_centroids: Any, k: int, d: int, device: torch.device) -> 
 
 
 def import_faiss():
+    """The faiss module, or None where neither faiss-cpu nor faiss-gpu is installed (both install `faiss`)."""
     try:
         import faiss
     except ImportError:
@@ -63,7 +66,14 @@ def import_faiss():
 
 
 def faiss_has_gpu(faiss) -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    """Whether this faiss is a GPU build (faiss-gpu: it has StandardGpuResources) that sees at least one GPU.
+    A GPU build whose CUDA runtime cannot start (no driver, a driver too old) counts as CPU-only."""
+    if faiss is None or not hasattr(faiss, "StandardGpuResources"):
+        return False
+    try:
+        return int(faiss.get_num_gpus()) > 0
+    except Exception:  # noqa: BLE001 - any failure to query the GPUs means: use the CPU path
+        return False
 
 
 # --------------------------------------------------------------------------- FAISS path
@@ -81,7 +91,8 @@ def _faiss_kmeans(
     verbose: bool,
     gpu: bool,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Run faiss.Kmeans on a float32 C-contiguous array.
+    """Run faiss.Kmeans on a float32 C-contiguous array, on one GPU if `gpu` (falling back to the CPU with a
+    RuntimeWarning when FAISS's GPU run raises, e.g. a CUDA runtime the driver rejects or out of memory).
 
     Returns (labels int64, centroids, objective); the objective is the summed inner product
     for spherical k-means (higher is better) and minus the summed squared distance otherwise.
@@ -89,6 +100,21 @@ def _faiss_kmeans(
     faiss = import_faiss()
     if faiss is None:
         raise ImportError("faiss is not installed: pip install faiss-cpu, or use backend='torch'")
+    run = dict(niter=niter, seed=seed, nredo=nredo, spherical=spherical, init_centroids=init_centroids,
+               verbose=verbose)
+    if gpu:
+        try:
+            return _faiss_kmeans_run(faiss, x, k, gpus=1, **run)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            warnings.warn(f"FAISS k-means on the GPU failed ({first}); running it on the CPU instead",
+                          RuntimeWarning, stacklevel=3)
+    return _faiss_kmeans_run(faiss, x, k, gpus=0, **run)
+
+
+def _faiss_kmeans_run(faiss, x: np.ndarray, k: int, *, niter: int, seed: int, nredo: int, spherical: bool,
+                      init_centroids: np.ndarray | None, verbose: bool, gpus: int):
+    """One faiss.Kmeans fit and assignment on `gpus` GPUs (0: the CPU); see _faiss_kmeans."""
     n, d = x.shape
     km = faiss.Kmeans(
         d,
@@ -102,7 +128,7 @@ def _faiss_kmeans(
         max_points_per_centroid=max(256, math.ceil(n / k)),
         # The default (39) only triggers a warning on small data sets.
         min_points_per_centroid=1,
-        gpu=1 if gpu else False,
+        gpu=gpus if gpus else False,
     )
     km.train(x, init_centroids=init_centroids)
     dist, labels = km.assign(x)
@@ -244,8 +270,11 @@ def torch_spherical_kmeans(
 # --------------------------------------------------------------------------- public API
 
 
-def _pick_backend(t: torch.Tensor, backend: str) -> str:
-    """'faiss', 'faiss-gpu' or 'torch' (see spherical_kmeans)."""
+def pick_backend(on_cuda: bool, backend: str = "auto") -> str:
+    """Where spherical_kmeans runs for data on a CUDA device (on_cuda) or on the CPU: 'faiss' (FAISS on the
+    CPU), 'faiss-gpu' (a FAISS GPU build that sees a GPU: data on the GPU) or 'torch' (on the data's device:
+    no FAISS, or CUDA data and a CPU-only FAISS under 'auto'). Raises ImportError for backend='faiss'
+    without FAISS, ValueError for an unknown backend."""
     if backend not in ("auto", "faiss", "torch"):
         raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
     if backend == "torch":
@@ -255,7 +284,7 @@ def _pick_backend(t: torch.Tensor, backend: str) -> str:
         if backend == "faiss":
             raise ImportError("backend='faiss' requested but faiss is not installed")
         return "torch"
-    if t.is_cuda:
+    if on_cuda:
         if faiss_has_gpu(faiss):
             return "faiss-gpu"
         # Data already on the GPU and FAISS is CPU-only: clustering on the GPU with torch
@@ -339,7 +368,7 @@ def spherical_kmeans(
         raise ValueError(f"need niter >= 0 and nredo >= 1, got niter={niter}, nredo={nredo}")
     if init not in ("kmeans++", "random"):
         raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
-    which = _pick_backend(t, backend)
+    which = pick_backend(t.is_cuda, backend)
     t = F.normalize(t, dim=1, eps=_EPS)
     given = _prepare_init(init_centroids, k, d, t.device)
 
@@ -386,7 +415,7 @@ def euclidean_kmeans(
 def kmeans_raw_pixels(
     images_uint8: Any, k: int, seed: int = 0, *, nredo: int = 10, niter: int = 50
 ) -> np.ndarray:
-    """Baseline: Euclidean k-means (FAISS) on flattened raw pixels scaled to [0, 1].
+    """Baseline: Euclidean k-means (FAISS; on the GPU with a FAISS GPU build) on flattened raw pixels in [0, 1].
 
     ``images_uint8`` is (N, ...) uint8 (any layout, e.g. NHWC or NCHW), numpy or torch.
     Float inputs are taken as already scaled. Every point is used (no subsampling).
@@ -415,6 +444,6 @@ def kmeans_raw_pixels(
         spherical=False,
         init_centroids=None,
         verbose=False,
-        gpu=False,
+        gpu=faiss_has_gpu(import_faiss()),   # FAISS-GPU where installed: raw pixels are large (N x 3072)
     )
     return labels

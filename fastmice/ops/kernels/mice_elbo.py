@@ -106,43 +106,55 @@ def _mice_neg_bwd_kernel(
     B, V, D, chunk,
     stride_sb, stride_sk, stride_qk, stride_qv, stride_lb, stride_as, stride_ab, stride_ak,
     scale,
-    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     SPLIT_PREC: tl.constexpr, UPCAST: tl.constexpr, FP32_PREC: tl.constexpr,
 ):
-    """ACC[split, b, k, :] = sum_{i in chunk(split)} p[b,k,i] q[k,i,:], p = 2^(logit2 - LSE2[b,k])."""
-    pid_k = tl.program_id(0)
+    """ACC[split, b, k, :] = sum_{i in chunk(split)} p[b,k,i] q[k,i,:], p = 2^(logit2 - LSE2[b,k]).
+
+    Each program writes BLOCK_DO of the D columns (grid axis 0 runs over k and the BLOCK_D // BLOCK_DO column
+    chunks): the logits need the whole of D, but a narrower accumulator is what keeps the fp32 queue at
+    D 256 from spilling registers on sm_90; its q columns are loaded a second time (from cache)."""
+    N_DO: tl.constexpr = BLOCK_D // BLOCK_DO
+    pid_k = tl.program_id(0) // N_DO
+    pid_do = tl.program_id(0) % N_DO
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     mask_b = offs_b < B
     mask_d = offs_d < D
+    mask_do = offs_do < D
     s = _load_scaled_s(S_ptr, pid_k, offs_b, offs_d, mask_b, mask_d, stride_sb, stride_sk, scale)
     s_hi = s.to(Q_ptr.dtype.element_ty)
     s_lo = (s - s_hi.to(tl.float32)).to(Q_ptr.dtype.element_ty)
     lse = tl.load(LSE_ptr + offs_b * stride_lb + pid_k, mask=mask_b, other=0.0)  # base 2, incl. positive
     q_base = Q_ptr + pid_k.to(tl.int64) * stride_qk
 
-    acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_DO], tl.float32)
     v_start = pid_s * chunk
     v_end = tl.minimum(v_start + chunk, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
-        q = tl.load(q_base + offs_v[:, None].to(tl.int64) * stride_qv + offs_d[None, :],
-                    mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        rows = q_base + offs_v[:, None].to(tl.int64) * stride_qv
+        q = tl.load(rows + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0)
         x = _tile_logits(s, s_hi, s_lo, q, SPLIT_PREC, UPCAST, FP32_PREC)
         p = tl.where(mask_v[None, :], tl.exp2(x - lse[:, None]), 0.0)
+        if N_DO == 1:
+            q_out = q
+        else:
+            q_out = tl.load(rows + offs_do[None, :], mask=mask_v[:, None] & mask_do[None, :], other=0.0)
         if SPLIT_PREC:
             p_hi = p.to(Q_ptr.dtype.element_ty)
             p_lo = (p - p_hi.to(tl.float32)).to(Q_ptr.dtype.element_ty)
-            acc = _dot(p_hi, q, acc, UPCAST)
-            acc = _dot(p_lo, q, acc, UPCAST)
+            acc = _dot(p_hi, q_out, acc, UPCAST)
+            acc = _dot(p_lo, q_out, acc, UPCAST)
         else:
-            acc = tl.dot(p, q.to(tl.float32), acc, input_precision=FP32_PREC)
+            acc = tl.dot(p, q_out.to(tl.float32), acc, input_precision=FP32_PREC)
     out = (ACC_ptr + pid_s.to(tl.int64) * stride_as + offs_b[:, None].to(tl.int64) * stride_ab
-           + pid_k * stride_ak + offs_d[None, :])
-    tl.store(out, acc, mask=mask_b[:, None] & mask_d[None, :])
+           + pid_k * stride_ak + offs_do[None, :])
+    tl.store(out, acc, mask=mask_b[:, None] & mask_do[None, :])
 
 
 # ----------------------------------------------------------------------------------------- launch glue
@@ -156,18 +168,20 @@ def _fp32_precision() -> str:
     return "ieee" if _is_interpreted() or torch.version.hip else "tf32x3"
 
 
-# (BLOCK_B, BLOCK_V, num_warps, num_stages) per (kernel, 16-bit queue, BLOCK_D > 128), best first; the
-# later entries are fallbacks for a GPU where the first does not fit (OutOfResources at launch). Chosen
-# from sm_90 compiles (no register spills, shared memory < 228 KiB); to be tuned on the H100.
-_CONFIGS = {
+# (BLOCK_B, BLOCK_V, num_warps, num_stages[, BLOCK_DO: the backward's output columns per program, default all])
+# per (kernel, 16-bit queue, BLOCK_D > 128), best first; the
+# later entries are fallbacks for a GPU where the first does not fit (OutOfResources at launch). Every entry
+# is compiled ahead of time for sm_90 and sm_80 in CI (fastmice.ops.kernels.aot, tests/ops/test_kernel_fit.py):
+# shared memory within the target's limit and no register spills. Speed ranking still to be tuned on the GPU.
+CONFIGS = {
     ("fwd", True, False): [(64, 128, 4, 3), (64, 64, 4, 2), (16, 16, 4, 1)],
     ("bwd", True, False): [(64, 64, 8, 2), (32, 64, 4, 2), (16, 16, 4, 1)],
     ("fwd", True, True): [(64, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 1)],
     ("bwd", True, True): [(32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 1)],
-    ("fwd", False, False): [(64, 64, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1)],
-    ("bwd", False, False): [(32, 16, 4, 2), (16, 16, 4, 1)],
-    ("fwd", False, True): [(16, 32, 4, 2), (16, 16, 4, 1)],
-    ("bwd", False, True): [(16, 16, 4, 2), (16, 16, 4, 1)],
+    ("fwd", False, False): [(32, 64, 8, 3), (64, 16, 4, 2), (16, 16, 4, 1)],
+    ("bwd", False, False): [(32, 32, 8, 3), (32, 16, 8, 2), (16, 16, 4, 1)],
+    ("fwd", False, True): [(16, 32, 4, 2), (16, 32, 4, 1)],
+    ("bwd", False, True): [(16, 16, 8, 1, 128)],   # every unsplit config spills at D 256 on sm_90
 }
 _FITS: dict = {}  # (kernel, 16-bit, wide D, device) -> index of the first config that launched
 
@@ -176,8 +190,8 @@ def _plan(kind: str, cfg_idx: int, B: int, K: int, V: int, D: int, queue: Tensor
           num_splits: int | None) -> dict:
     """Block sizes, warps, stages and the number of V splits (programs per (k, batch block))."""
     block_d = max(16, triton.next_power_of_2(D))
-    configs = _CONFIGS[(kind, queue.dtype != torch.float32, block_d > 128)]
-    bb, bv, num_warps, num_stages = configs[cfg_idx]
+    configs = CONFIGS[(kind, queue.dtype != torch.float32, block_d > 128)]
+    bb, bv, num_warps, num_stages, *col = configs[cfg_idx]
     block_b = min(bb, max(16, triton.next_power_of_2(B)))  # tl.dot needs every dim >= 16
     block_v = min(bv, max(16, triton.next_power_of_2(V)))
     n_tiles = triton.cdiv(V, block_v)
@@ -190,7 +204,8 @@ def _plan(kind: str, cfg_idx: int, B: int, K: int, V: int, D: int, queue: Tensor
             num_splits = max(1, min(triton.cdiv(2 * n_sm, base), n_tiles // 4))
     num_splits = max(1, min(int(num_splits), n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, num_splits)
-    return dict(BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, chunk=tiles_per_split * block_v,
+    return dict(BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, BLOCK_DO=min(col[0], block_d) if col else block_d,
+                chunk=tiles_per_split * block_v,
                 num_splits=triton.cdiv(n_tiles, tiles_per_split),  # no empty splits
                 num_warps=num_warps, num_stages=num_stages, n_configs=len(configs))
 
@@ -252,13 +267,13 @@ def _neg_weighted_sum(s: Tensor, queue: Tensor, lse2: Tensor, tau: float, num_sp
     def run(cfg):
         S = cfg["num_splits"]
         out = torch.empty((S, B, K, D), device=s.device, dtype=torch.float32)
-        grid = (K, triton.cdiv(B, cfg["BLOCK_B"]), S)
+        grid = (K * (cfg["BLOCK_D"] // cfg["BLOCK_DO"]), triton.cdiv(B, cfg["BLOCK_B"]), S)
         _mice_neg_bwd_kernel[grid](
             s, queue, lse2, out, B, queue.shape[1], D, cfg["chunk"],
             s.stride(0), s.stride(1), queue.stride(0), queue.stride(1), lse2.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
             _LOG2E / tau,
-            BLOCK_B=cfg["BLOCK_B"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+            BLOCK_B=cfg["BLOCK_B"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], BLOCK_DO=cfg["BLOCK_DO"],
             SPLIT_PREC=queue.dtype != torch.float32, UPCAST=_is_interpreted(), FP32_PREC=_fp32_precision(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -321,4 +336,7 @@ def mice_elbo_triton(
     return loss, posterior
 
 
-__all__ = ["MiceElboFunction", "mice_elbo_triton"]
+# The two kernels by the names CONFIGS uses, for ahead-of-time compilation (fastmice.ops.kernels.aot).
+KERNELS = {"fwd": _mice_neg_lse_fwd_kernel, "bwd": _mice_neg_bwd_kernel}
+
+__all__ = ["CONFIGS", "KERNELS", "MiceElboFunction", "mice_elbo_triton"]
