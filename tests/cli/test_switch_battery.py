@@ -37,7 +37,14 @@ CASES = {
     "moco-no-shuffle-bn": ({"method.name": "moco", "train.shuffle_bn": "false"}, []),
     "simclr": ({"method.name": "simclr"}, []),
     "mixem": ({"method.name": "mixem"}, []),
-    "mixem-confidence-max": ({"method.name": "mixem", "method.confidence_kind": "max"}, []),
+    "mixem-paper-recipe": ({"method.name": "mixem", "method.recipe": "paper"}, []),
+    "mixem-paper-items-mixed": ({"method.name": "mixem", "method.confidence_kind": "entropy", "method.bn": "joint"}, []),
+    "mixem-official-schedule": ({"method.name": "mixem", "optim.name": "adam", "optim.lr": 1e-3,
+                                 "optim.schedule": "mixem_official", "optim.warmup_epochs": 1}, []),
+    "mixem-unnormalised-eval": ({"method.name": "mixem", "eval.normalize": "false"}, []),
+    "simclr-paper-recipe": ({"method.name": "simclr", "method.recipe": "paper"}, []),
+    "mice-official-schedule": ({"optim.schedule": "mice_official", "optim.warmup_epochs": 1}, []),
+    "mice-tensorboard": ({"train.loggers": "tensorboard"}, []),
     "mixem-from-simclr": ({"method.name": "mixem"}, ["--init-from", "{run:simclr}"]),
 }
 
