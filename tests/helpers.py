@@ -164,3 +164,17 @@ def read_offline_run(folder: Path) -> dict[str, Any]:
             for u in rec.summary.update:
                 out["summary"][_key(u)] = json.loads(u.value_json)
     return out
+
+
+def stop_during(t: Trainer, k: int, sig: int) -> None:
+    """Deliver `sig` while global step k (1-based) of trainer `t` runs, as a user's Ctrl-C or a scheduler's
+    SIGTERM would: the step finishes, then the trainer checkpoints and stops."""
+    import signal
+    original = t.step
+
+    def step(views, index, lr):
+        out = original(views, index, lr)
+        if t.global_step + 1 == k:
+            signal.raise_signal(sig)
+        return out
+    t.step = step

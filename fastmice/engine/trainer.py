@@ -23,7 +23,7 @@ from fastmice.core.device import precision_for, resolve_device
 from fastmice.core.state_match import load_model_state
 from fastmice.data.dataset import ImageDataset
 from fastmice.data.sources import load_dataset
-from fastmice.engine.compile import compile_forward, mark_step_begin, uses_cudagraphs
+from fastmice.engine.compile import check_cpu_compile, compile_forward, mark_step_begin, uses_cudagraphs
 from fastmice.engine.data import build_feed
 from fastmice.engine.loggers import require
 from fastmice.engine.optim import build_optimizer, learning_rate
@@ -157,6 +157,7 @@ class Trainer:
         if self.cfg.train.compile == "off" or distributed.active():
             return self._train_forward
         if self._compiled is None:
+            check_cpu_compile(self.cfg.train.compile, self.device)
             self._compiled = compile_forward(self._train_forward, self.cfg.train.compile)
         return self._compiled
 

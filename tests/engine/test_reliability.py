@@ -1,8 +1,7 @@
-"""Interruptions and bad input (issue 13's cases): exact resume after a stop in an epoch's last step, a log that
+"""Interruptions and bad input (issue 13's cases; a stop at every step is in test_stop_battery.py): a log that
 reads like the uninterrupted run's, non-finite weights never checkpointed, run folders protected, the A3
 ablation evaluated, impossible states explained without a traceback."""
 import json
-import signal
 
 import pytest
 import torch
@@ -12,46 +11,11 @@ from fastmice.core.checkpoint import load_checkpoint
 from fastmice.engine.run_log import NonFiniteLossError
 from fastmice.engine.trainer import Trainer
 from fastmice.eval.evaluate import evaluate_model
-from tests.helpers import assert_same_state, make_trainer, tiny_overrides
+from tests.helpers import make_trainer, tiny_overrides
 
 
 def records(run, kind):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if json.loads(x)["type"] == kind]
-
-
-def stop_at(t, k, sig):
-    """Deliver `sig` during global step k (1-based) of trainer t."""
-    original = t.step
-
-    def step(views, index, lr):
-        out = original(views, index, lr)
-        if t.global_step + 1 == k:
-            signal.raise_signal(sig)
-        return out
-    t.step = step
-
-
-@pytest.mark.parametrize("k,sig", [(10, signal.SIGINT), (10, signal.SIGTERM), (20, signal.SIGINT),
-                                   (1, signal.SIGTERM), (13, signal.SIGINT)])
-def test_a_stop_at_any_step_resumes_exactly(tmp_path, digits_small, k, sig):
-    """Steps 10 and 20 are the last of epochs 1 and 2 (10 steps an epoch): the epoch's end (Eq. 13, the record,
-    the schedule) is done before stopping, so the resume neither replays nor skips an epoch."""
-    full = make_trainer(tmp_path, digits_small, "full")
-    full.fit()
-    part = make_trainer(tmp_path, digits_small, "part")
-    stop_at(part, k, sig)
-    assert part.fit()["status"] == ("interrupted" if k < 20 else "finished")
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    state = load_checkpoint(tmp_path / "part")
-    assert state["global_step"] == k and state["epoch"] == k // 10
-    resumed = Trainer.resume(tmp_path / "part", None, digits_small)
-    resumed.fit()
-    assert_same_state(full, resumed)
-    for name, value in full.method.state_dict().items():      # the queue and mu too
-        assert torch.equal(value, resumed.method.state_dict()[name]), name
-    a, b = records(tmp_path / "full", "epoch"), records(tmp_path / "part", "epoch")
-    assert [(r["epoch"], r["step"], r["loss"], r["cluster_sizes"]) for r in a] == \
-        [(r["epoch"], r["step"], r["loss"], r["cluster_sizes"]) for r in b]
 
 
 def test_records_written_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, digits_small):

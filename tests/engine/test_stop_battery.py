@@ -15,7 +15,7 @@ import torch
 from fastmice.core.checkpoint import load_checkpoint
 from fastmice.engine.trainer import Trainer
 from fastmice.eval.evaluate import evaluate_model
-from tests.helpers import make_trainer
+from tests.helpers import make_trainer, stop_during
 
 STEPS = 20   # 2 epochs of 10 steps (320 digits, batch 32)
 FAMILIES = {
@@ -30,18 +30,6 @@ CASES = ([("mice", k, SIGNALS[k % 2]) for k in range(1, STEPS + 1)]
          + [(m, k, SIGNALS[i % 2]) for m in ("moco", "simclr", "mixem") for i, k in enumerate((1, 6, 10, 11, 20))])
 # Fields of a record that measure time, not training.
 TIMING = {"samples_per_s", "epoch_seconds", "seconds", "time"}
-
-
-def stop_during(t: Trainer, k: int, sig: int) -> None:
-    """Deliver `sig` while global step k (1-based) of `t` runs, as a user's Ctrl-C or a scheduler's kill would."""
-    original = t.step
-
-    def step(views, index, lr):
-        out = original(views, index, lr)
-        if t.global_step + 1 == k:
-            signal.raise_signal(sig)
-        return out
-    t.step = step
 
 
 def records(run_dir):
