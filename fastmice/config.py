@@ -52,10 +52,18 @@ class DataConfig(DataSourceConfig):
             raise ConfigError(f"data.std must be positive, got {self.std}")
 
 
+SCHEDULES = ("step", "cosine", "mice_official", "mixem_official")
+
+
 @dataclass
 class OptimConfig:
     name: str = "sgd"                # sgd (MiCE, MoCo) | adam (MIX'EM, SimCLR)
-    schedule: str = "step"           # step: x lr_gamma at lr_steps | cosine: to 0 over the epochs after warm-up
+    # step: x lr_gamma at lr_steps | cosine: to 0 over the epochs after warm-up (both per step, after an
+    # optional linear per-step warm-up) | mice_official: MiCE's public code, one value per epoch: e/W for
+    # e = 0..W, then x lr_gamma for each lr_step the epoch exceeds | mixem_official: MIX'EM's public code,
+    # held for W epochs, then CosineAnnealingLR(T_max=epochs) stepped once per epoch (never 0). W =
+    # warmup_epochs; engine/optim.py learning_rate() states each rule exactly.
+    schedule: str = "step"
     batch_size: int = 256            # drop_last: every step sees a full batch
     epochs: int = 1000
     lr: float = 1.0
@@ -64,7 +72,8 @@ class OptimConfig:
     mu_weight_decay: bool = True     # the public code decays mu too; the paper is silent
     lr_steps: list[int] = field(default_factory=lambda: [480, 640, 800])   # epochs where lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
-    warmup_epochs: float = 0.0       # linear warm-up from 0 (the official code: 10 epochs)
+    warmup_epochs: float = 0.0       # step/cosine: linear per-step warm-up from 0; the official schedules: W
+                                     # above (10 in both public codes)
     # How the optimizer updates the parameters; the same arithmetic, different speed. auto: fused (one kernel
     # for all parameters) on CUDA, foreach (one op per step over all tensors) elsewhere, which on the CPU
     # gives bit for bit the results of the per-parameter loop (exact resume is tested that way).
@@ -76,8 +85,8 @@ class OptimConfig:
             raise ConfigError(f"optim.impl must be one of {', '.join(OPTIM_IMPLS)}, got {self.impl!r}")
         if self.name not in ("sgd", "adam"):
             raise ConfigError(f"optim.name must be 'sgd' or 'adam', got {self.name!r}")
-        if self.schedule not in ("step", "cosine"):
-            raise ConfigError(f"optim.schedule must be 'step' or 'cosine', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError(f"optim.batch_size and optim.epochs must be >= 1, got {self.batch_size}, {self.epochs}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:

@@ -32,8 +32,31 @@ def build_optimizer(cfg: Config, method: Method, impl: str | None = None) -> tor
 
 
 def learning_rate(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Step decay at optim.lr_steps (Appendix D) or cosine decay, after an optional linear warm-up."""
+    """The learning rate of step `step` (0-based) of epoch `epoch` (0-based): a pure function of the two, so a
+    resumed run continues the schedule exactly. base = optim.lr, W = optim.warmup_epochs, T = optim.epochs.
+
+    step: base * lr_gamma ** #{s in lr_steps: epoch >= s} (Appendix D), per step.
+    cosine: base * (1 + cos(pi * min(max(p - W, 0) / (T - W), 1))) / 2 with p = epoch + step / steps_per_epoch.
+      Both: while p < W, instead a linear per-step warm-up base * (p + 1 / steps_per_epoch) / W.
+    mice_official (MiCE's util.adjust_learning_rate, called once at the start of each epoch): one value per
+      epoch, step ignored. epoch e <= W: base * e / W (epoch 0 runs at lr 0; e == W, and W = 0, at base);
+      e > W: base * lr_gamma ** #{s in lr_steps: e > s} (strictly greater: epoch 480 still runs at base for
+      lr_steps [480, ...]).
+    mixem_official (MIX'EM's train.py: Adam at base, CosineAnnealingLR(T_max=T, eta_min=0) stepped at the end
+      of each 1-based epoch >= 10, i.e. 0-based epoch >= W - 1 with W = 10): one value per epoch, step ignored.
+      With t = max(0, e + 1 - max(W, 1)) the scheduler steps taken before epoch e: base * (1 + cos(pi * t / T)) / 2.
+      So epochs 0..W-1 run at base (held, no ramp), epoch W at base * (1 + cos(pi / T)) / 2, and the last epoch
+      T - 1 at base * (1 + cos(pi * (T - W) / T)) / 2 (6.16e-7 for base 1e-4, T 200, W 10), never 0. W = 0 is
+      W = 1 (the official loop cannot step before the first epoch ends).
+    """
     o = cfg.optim
+    if o.schedule == "mice_official":
+        if epoch <= o.warmup_epochs:
+            return o.lr * (epoch / o.warmup_epochs if epoch < o.warmup_epochs else 1.0)
+        return o.lr * o.lr_gamma ** sum(epoch > s for s in o.lr_steps)
+    if o.schedule == "mixem_official":
+        t = max(0.0, epoch + 1 - max(o.warmup_epochs, 1.0))
+        return o.lr * (1 + math.cos(math.pi * t / o.epochs)) / 2
     progress = epoch + step / steps_per_epoch
     if o.schedule == "cosine":
         span = max(o.epochs - o.warmup_epochs, 1e-9)
