@@ -42,6 +42,7 @@ def run_seed(config: str, overrides: list[str], seed: int, out: Path) -> dict:
     post = result["readouts"]["posterior"]
     return {"seed": seed, "acc": 100 * post["acc"], "nmi": 100 * post["nmi"], "ari": 100 * post["ari"],
             "sizes": sorted(post["cluster_sizes"]), "confidence": result.get("confidence", {}).get("mean"),
+            "other_acc": {name: 100 * r["acc"] for name, r in result["readouts"].items() if name != "posterior"},
             "seconds": time.perf_counter() - t0}
 
 
@@ -65,7 +66,8 @@ def main() -> None:
             r = run_seed(args.config, overrides, seed, out / (args.tag or "bench"))
             rows.append(r)
             print(f"[{args.tag}] seed {seed}: ACC {r['acc']:6.2f} NMI {r['nmi']:6.2f} ARI {r['ari']:6.2f} "
-                  f"conf {r['confidence']:.3f} {r['seconds']:5.1f} s sizes {r['sizes']}", flush=True)
+                  f"conf {r['confidence']:.3f} {r['seconds']:5.1f} s sizes {r['sizes']} other readouts' ACC "
+                  + " ".join(f"{k} {v:.2f}" for k, v in r["other_acc"].items()), flush=True)
             if args.json:
                 with open(args.json, "a") as fh:
                     fh.write(json.dumps({"tag": args.tag, "overrides": overrides, **r}) + "\n")
