@@ -107,7 +107,9 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, seed: int = 0, tr
 
 
 def format_results(result: dict[str, Any]) -> str:
-    """A small table: one row per readout (and the pixel baseline), ACC/NMI/ARI in percent."""
+    """A small table: one row per readout (and the pixel baseline), ACC/NMI/ARI in percent; then the primary
+    readout's ACC against the pixel baseline, its cluster sizes (and a note when one looks like two classes
+    merged), the notes and the mean confidence. Lines of text, no trailing newline."""
     rows = []
     readouts = result["readouts"]
     if not readouts:
@@ -123,8 +125,13 @@ def format_results(result: dict[str, Any]) -> str:
         for name, e in named:
             rows.append(f"{name:<24}{100 * e['acc']:8.2f}{100 * e['nmi']:8.2f}{100 * e['ari']:8.2f}"
                         + (f"{100 * e['acc_many_to_one']:9.2f}" if m2o and "acc_many_to_one" in e else ""))
+        if "pixel_kmeans" in result:
+            gain = 100 * (readouts[primary]["acc"] - result["pixel_kmeans"]["acc"])
+            rows.append(f"{primary} ACC {100 * readouts[primary]['acc']:.2f} against "
+                        f"{100 * result['pixel_kmeans']['acc']:.2f} for k-means on raw pixels: {gain:+.2f} points")
     else:
-        rows.append(f"no labels: cluster sizes ({primary}) {readouts[primary]['cluster_sizes']}")
+        rows.append("no labels: ACC/NMI/ARI need labels")
+    rows += cluster_size_lines(readouts[primary].get("cluster_sizes"), primary, "acc" in readouts[primary])
     if "note" in result:
         rows.append(f"note: {result['note']}")
     if "linear_probe" in result:
@@ -132,6 +139,25 @@ def format_results(result: dict[str, Any]) -> str:
     if "confidence" in result:
         rows.append(f"mean confidence {result['confidence']['mean']:.3f}")
     return "\n".join(rows)
+
+
+MERGED_SHARE = 1.6   # a cluster this many times an even share (N / K) or more: say that classes may be merged
+
+
+def cluster_size_lines(sizes: list[int] | None, readout: str, labelled: bool = False) -> list[str]:
+    """The readout's cluster sizes, largest first, against an even share N/K; a note when the largest holds
+    MERGED_SHARE times an even share or more (two classes in one cluster, the usual failure, shows so)."""
+    if not sizes:
+        return []
+    n, k = sum(sizes), len(sizes)
+    ordered = sorted(sizes, reverse=True)
+    lines = [f"cluster sizes ({readout}), largest first: {' '.join(str(s) for s in ordered)} "
+             f"(an even split: {n / k:.0f} each)"]
+    if k > 1 and ordered[0] >= MERGED_SHARE * n / k:
+        lines.append(f"note: the largest cluster holds {ordered[0] * k / n:.1f}x an even share and the smallest "
+                     f"{ordered[-1] * k / n:.2f}x: two classes may share one cluster"
+                     + (" (confusion.png shows which)" if labelled else ""))
+    return lines
 
 
 def evaluate_run(run_dir: str | Path, device: str = "auto", overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -20,11 +20,20 @@ def test_train_then_eval_on_digits(tmp_path, capsys):
     for word in ("posterior", "gating", "kmeans", "k-means on raw pixels", "ACC"):
         assert word in out
     run = tmp_path / "run"
+    # The end of the output: the readout against the pixel baseline, the cluster sizes, where the pictures are.
+    tail = out.splitlines()
+    assert any(" for k-means on raw pixels: " in line and line.startswith("posterior ACC ") for line in tail)
+    sizes = next(line for line in tail if line.startswith("cluster sizes (posterior), largest first: "))
+    assert sizes.endswith("(an even split: 180 each)")
+    assert tail[-2] == f"written to {run}: eval.json, assignments.csv, cluster_sizes.png, confusion.png"
+    assert tail[-1] == f"pictures and the HTML report: fastmice report {run}"
     for name in ("checkpoint.pt", "config.yaml", "metrics.jsonl", "eval.json", "assignments.csv",
                  "cluster_sizes.png", "confusion.png"):
         assert (run / name).is_file(), name
     first = json.loads((run / "eval.json").read_text())
     assert first["num_images"] == 1797
+    listed = [int(x) for x in sizes.split(": ")[1].split(" (")[0].split()]
+    assert listed == sorted(first["readouts"]["posterior"]["cluster_sizes"], reverse=True)
     assert set(first["readouts"]) == {"posterior", "gating", "kmeans"}
     for r in first["readouts"].values():
         assert 0 <= r["acc"] <= 1 and sum(r["cluster_sizes"]) == 1797

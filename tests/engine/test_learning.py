@@ -1,7 +1,8 @@
 """MiCE learns: on the bundled digits it must beat k-means on the raw pixels of the same images.
 
-The embedded default config as shipped (about 2 minutes on 2 cores). k-means on raw pixels is a
-strong baseline on these well-aligned 8x8 digits (about 0.80 ACC); MiCE must clear it.
+The embedded default config as shipped, seed 0 (about 2 minutes on 2 idle cores). k-means on raw pixels is a
+strong baseline on these well-aligned 8x8 digits (78.9 ACC with seed 0); the default must clear it by 8
+points (issue 15; bench/RESULTS.md has the 10-seed table of the recipe).
 """
 import pytest
 
@@ -18,6 +19,7 @@ def test_mice_beats_pixel_kmeans_on_digits(tmp_path):
 
     cfg = load_config("digits", [f"--train.out_dir={tmp_path}", "--train.progress=false",
                                  "--eval.pixel_baseline=false"])
+    assert cfg.train.seed == 0
     trainer = Trainer(cfg, tmp_path / "run")
     summary = trainer.fit()
     assert summary["status"] == "finished"
@@ -26,15 +28,16 @@ def test_mice_beats_pixel_kmeans_on_digits(tmp_path):
     digits = load_digits(8)
     baseline = cluster_metrics(digits.labels.numpy(), kmeans_raw_pixels(digits.images, 10, seed=0))
     mice = result["readouts"]["posterior"]
-    print(f"MiCE ACC {mice['acc']:.3f} NMI {mice['nmi']:.3f} ARI {mice['ari']:.3f}; "
+    print(f"MiCE ACC {mice['acc']:.3f} NMI {mice['nmi']:.3f} ARI {mice['ari']:.3f} sizes {mice['cluster_sizes']}; "
           f"pixel k-means ACC {baseline['acc']:.3f} NMI {baseline['nmi']:.3f} ARI {baseline['ari']:.3f}")
-    # NMI and ARI beat the baseline on every seed tried (0, 1, 2); ACC beats it on seeds 0 and 1 (90.7, 93.8
-    # vs 80.5) but not on seed 2 (75.4, two digits merged), so ACC gets a looser bar (see bench/RESULTS.md).
+    # Issue 15's margin: at least 8 ACC points above pixel k-means (and better NMI and ARI).
+    assert mice["acc"] >= baseline["acc"] + 0.08
     assert mice["nmi"] > baseline["nmi"]
     assert mice["ari"] > baseline["ari"]
-    assert mice["acc"] > 0.7
-    # Every cluster is used: no collapse onto a few experts.
-    assert min(mice["cluster_sizes"]) > 0.3 * 1797 / 10
+    # No merged pair of digits: the classes hold 174-183 images each, a merged pair would be ~360 in one
+    # cluster and a near-empty one beside it.
+    assert max(mice["cluster_sizes"]) < 1.6 * 1797 / 10
+    assert min(mice["cluster_sizes"]) > 0.5 * 1797 / 10
 
 
 METHOD_SETTINGS = {
