@@ -1,7 +1,8 @@
 """Every switch the README documents, end to end through the command line: each method with each switch trains
-12 steps (across the end of its first epoch of 10), evaluates, assigns new images (MiCE and MIX'EM: the methods with
-cluster probabilities; MoCo and SimCLR are refused with the README's reason) and writes its report; the
-combinations that cannot work are refused when the config is read, before anything is built.
+12 steps (across the end of its first epoch of 10) and evaluates; one case per method and those whose readouts
+or data path differ then run `fastmice eval`, assign new images (MiCE and MIX'EM: the methods with cluster
+probabilities; MoCo and SimCLR are refused with the README's reason) and write their report. The combinations
+that cannot work are refused when the config is read, before anything is built.
 """
 import json
 
@@ -49,6 +50,13 @@ CASES = {
 }
 
 
+# Cases that also run `fastmice eval`, `predict` and `report` (the others train and evaluate at the end of
+# training): one per method, and those whose readouts or data path differ (no gating readout, K = 20, DALI,
+# the paper's MIX'EM readout). The report and predict code is the same for the other switches; CI time is not.
+DOWNSTREAM = {"mice", "mice-A3-uniform-prior", "mice-A3+A4", "mice-overclustering", "mice-dali",
+              "mice-appendix-E", "moco", "simclr", "mixem", "mixem-paper-recipe"}
+
+
 @pytest.fixture(scope="module")
 def battery(tmp_path_factory):
     base = tmp_path_factory.mktemp("switches")
@@ -77,6 +85,8 @@ def test_switch_trains_evaluates_predicts_and_reports(name, battery, capsys):
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if r["type"] == "epoch"] == [10]       # across the first epoch's end
     assert max(r["step"] for r in logged if r["type"] == "step") == 12
+    if name not in DOWNSTREAM:
+        return
     assert main(["eval", str(run)]) == 0
     out = run / "predictions.csv"
     if name.startswith(("moco", "simclr")):     # the README: predict needs cluster probabilities (MiCE, MIX'EM)
