@@ -349,5 +349,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_dict(values: dict[str, Any], overrides: dict[str, Any] | None = None,
                      where: str = "the saved config") -> Config:
-    """Rebuild a config saved in a run folder or checkpoint, with `overrides` ({section: {key: value}}) on top."""
+    """Rebuild a config saved in a run folder or checkpoint, with `overrides` ({section: {key: value}}) on top.
+
+    A saved config is complete (every key), so a SimCLR or MIX'EM run saved without `method.recipe` predates
+    the recipes and was trained by the paper's wording: it is rebuilt with recipe paper (the default of new
+    runs is official), so that resuming or evaluating it keeps what it was trained with."""
+    method = values.get("method")
+    if isinstance(method, dict) and method.get("name") in ("simclr", "mixem") and "recipe" not in method:
+        values = {**values, "method": {**method, "recipe": "paper"}}
     return _build([(values, where)] + ([(overrides, OVERRIDES)] if overrides else []))

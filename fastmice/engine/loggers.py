@@ -23,6 +23,8 @@ A resumed run continues the same curves. TensorBoard writes RUN/tensorboard/ aga
 checkpoint's step + 1, so events a killed process wrote past the checkpoint are hidden, as metrics.jsonl drops
 them. W&B: the run id is kept in RUN/wandb/fastmice-run-id and the run resumed with it (resume="allow"); every
 value is plotted against `global_step` (define_metric), W&B's own `_step` restarting in an offline session.
+W&B has no purge: after a kill -9, the points a killed process logged past its checkpoint stay, and the resumed
+run logs those steps again (two points at one global_step); metrics.jsonl and TensorBoard hold them once.
 Offline runs (WANDB_MODE=offline) land in RUN/wandb/offline-run-*/, one folder per session, uploaded with
 `wandb sync RUN/wandb/offline-run-*`.
 """

@@ -147,3 +147,16 @@ def test_official_readout_starts_from_the_component_means():
     assert np.asarray(preds["kmeans_mixture_init"]).tolist() == [0, 0, 0, 1, 1, 1]
     assert np.asarray(preds["mixture"]).tolist() == [0, 0, 0, 1, 1, 1]
     assert len(set(np.asarray(preds["kmeans"]).tolist())) == 2
+
+
+def test_a_run_saved_before_the_recipes_keeps_the_papers_wording():
+    """A saved MIX'EM config without method.recipe (runs before the recipes existed) resumes as it was trained:
+    recipe paper; a saved config with a recipe, and a new config file, keep theirs."""
+    from fastmice.config import config_from_dict, load_config
+    saved = load_config("digits", ["--method.name=mixem"]).to_dict()
+    assert saved["method"]["recipe"] == "official"                      # the default of new runs
+    del saved["method"]["recipe"]
+    old = config_from_dict(saved)
+    assert old.method.recipe == "paper" and old.method.setting("associative") == "paper"
+    saved["method"]["recipe"] = "official"
+    assert config_from_dict(saved).method.recipe == "official"

@@ -86,6 +86,8 @@ def _gpu_cases() -> list[Case]:
         Case(64, 100, 65536, 128, "bfloat16"),
         Case(256, 10, 16384, 128, "float16"),
         Case(256, 10, 16384, 256, "bfloat16"),
+        Case(256, 10, 16384, 256, "float32"),     # the backward split over D (BLOCK_DO): its only entry
+        Case(7, 3, 100, 256, "float32"),
         Case(256, 10, 16384, 128, "bfloat16", tau=1.0, kappa=1.0),
         Case(256, 10, 16384, 128, "bfloat16", tau=0.05, kappa=2.0),
         Case(256, 20, 16384, 128, "bfloat16", splits=1),
