@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             entry.update(status="skipped (budget spent)", seconds=0.0)
         else:
             print(f"== {part['part']} {part['name']} (limit {limit:.0f} s): {entry['command']}", flush=True)
+            Path(part["report"]).unlink(missing_ok=True)   # a reused --out: never read an earlier run's report
             status, rc, secs = run_limited(part["argv"], limit, out / f"{part['name']}.log",
                                            {**env, **part.get("env", {})})
             entry.update(status=status, rc=rc, seconds=secs)
