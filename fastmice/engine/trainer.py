@@ -82,8 +82,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "model": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
-                "epoch_loss": self.epoch_loss, "logged_loss": self.logged_loss, "batches": self.feed.state_dict(), "rng": host_rng_state(),
-                "image_size": self.image_size, "num_images": len(self.dataset), "time": time.time()}
+                "epoch_loss": self.epoch_loss, "logged_loss": self.logged_loss, "batches": self.feed.state_dict(),
+                "rng": host_rng_state(), "image_size": self.image_size, "num_images": len(self.dataset),
+                "time": time.time()}
 
     def load_state_dict(self, state: dict[str, Any], where: str = "the checkpoint") -> None:
         """Continue from `state` (a checkpoint); a model that does not fit it is explained by the settings
@@ -218,7 +219,6 @@ class Trainer:
                 loss_sum = torch.full((), start_sum, device=self.device)
                 bad = torch.zeros((), dtype=torch.bool, device=self.device)
                 steps_here, t0 = start_steps, time.perf_counter()
-                logged_sum, logged_steps = self.logged_loss
                 bar = tqdm(total=spe, initial=self.feed.pos, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
                            disable=not (cfg.train.progress and distributed.is_main()), leave=False, dynamic_ncols=True)
                 while not self.feed.epoch_done:
@@ -238,10 +238,11 @@ class Trainer:
                         last_loss = total / steps_here
                         rate = (steps_here - start_steps) * cfg.optim.batch_size / (time.perf_counter() - t0)
                         if due:
+                            logged_sum, logged_steps = self.logged_loss
                             self.log.write({"type": "step", "epoch": self.epoch + 1, "step": self.global_step,
                                             "loss": (total - logged_sum) / max(steps_here - logged_steps, 1),
                                             "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
-                            logged_sum, logged_steps = self.logged_loss = (total, steps_here)
+                            self.logged_loss = (total, steps_here)
                         bar.n = self.feed.pos
                         bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
                     if stop or self._max_steps_reached():

@@ -1,6 +1,6 @@
 """MiCE learns: on the bundled digits it must beat k-means on the raw pixels of the same images.
 
-The embedded default config as shipped, seed 0 (about 2 minutes on 2 idle cores). k-means on raw pixels is a
+The embedded default config as shipped, seed 0 (about 3 minutes on 2 idle cores). k-means on raw pixels is a
 strong baseline on these well-aligned 8x8 digits (78.9 ACC with seed 0); the default must clear it
 (issue 15 asks 8 points on every seed, not yet met: bench/RESULTS.md).
 """
@@ -31,8 +31,8 @@ def test_mice_beats_pixel_kmeans_on_digits(tmp_path):
     print(f"MiCE ACC {mice['acc']:.3f} NMI {mice['nmi']:.3f} ARI {mice['ari']:.3f} sizes {mice['cluster_sizes']}; "
           f"pixel k-means ACC {baseline['acc']:.3f} NMI {baseline['nmi']:.3f} ARI {baseline['ari']:.3f}")
     # Beats pixel k-means on all three scores, every cluster in use. Issue 15's goal (>= 8 ACC points above it
-    # on every seed, no merged pair) is not met by this recipe: seed 0 measured 90.71 against 78.91 with torch
-    # 2.13 on one thread, and 79.35 with torch 2.14.1 (bench/RESULTS.md), so the bar here is the baseline itself.
+    # on every seed, no merged pair) is not met by this recipe: seed 0 measured 87.42 against 78.91 with torch
+    # 2.13 on two threads, and 79.35 with torch 2.14.1 (bench/RESULTS.md), so the bar here is the baseline itself.
     assert mice["acc"] > baseline["acc"]
     assert mice["nmi"] > baseline["nmi"]
     assert mice["ari"] > baseline["ari"]
