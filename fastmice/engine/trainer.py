@@ -170,6 +170,7 @@ class Trainer:
     def next_step(self) -> torch.Tensor:
         """The step on the feed's next batch at the schedule's learning rate; returns the loss (on the device)."""
         lr = learning_rate(self.cfg, self.epoch, self.feed.pos, self.feed.steps_per_epoch)
+        self.method.set_progress(self.epoch + self.feed.pos / self.feed.steps_per_epoch)
         views, index = self.feed.next_views()
         loss = self.step(views, index, lr).loss.detach()
         self.feed.advance()

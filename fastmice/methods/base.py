@@ -119,6 +119,10 @@ class Method(nn.Module):
         layout) of the samples `index` ((B,) int64 dataset rows on the device, or None); returns the loss."""
         raise NotImplementedError
 
+    def set_progress(self, epoch: float) -> None:
+        """Before each training step: how far training is, in epochs (0-based, fractional: epoch + step / steps
+        per epoch), for a method whose loss follows a schedule of its own. Must not synchronise the device."""
+
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
         """No-grad bookkeeping after the optimizer step (EMA, enqueue, running sums): device ops only."""

@@ -50,6 +50,12 @@ class MiCEConfig(MethodConfig):
     # The paper reaches Eq. 13's accuracy this way at >10x the training time; use with mu_analytical: false.
     mu_sgd_passes: int = 0
     mu_sgd_tol: float = 1e-4
+    # A warm-up of the gating prior (not in the paper): for the first prior_uniform_epochs the prior is uniform
+    # (A3's pi_k = 1/K; the gating head gets no gradient), then over prior_ramp_epochs 1/kappa rises linearly
+    # from 0 to its value, per step. On small data the prior otherwise collapses to ~K/2 clusters in the first
+    # epochs, and a merged pair of classes can stay merged (bench/RESULTS.md, the digits).
+    prior_uniform_epochs: float = 0.0
+    prior_ramp_epochs: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -71,6 +77,12 @@ class MiCEConfig(MethodConfig):
             raise ConfigError(f"method.num_clusters={self.num_clusters} needs method.embed_dim >= K-1 (the gating "
                               f"prototypes are K maximally separated unit vectors in R^D); raise embed_dim or "
                               f"use method.omega_init=uniform")
+        if self.prior_uniform_epochs < 0 or self.prior_ramp_epochs < 0:
+            raise ConfigError(f"method.prior_uniform_epochs and method.prior_ramp_epochs must be >= 0, got "
+                              f"{self.prior_uniform_epochs}, {self.prior_ramp_epochs}")
+        if self.prior == "uniform" and (self.prior_uniform_epochs or self.prior_ramp_epochs):
+            raise ConfigError("method.prior_uniform_epochs / prior_ramp_epochs warm up the gating prior, which "
+                              "method.prior=uniform leaves out; drop one of them")
         if self.mu_sgd_passes and not self.class_term:
             raise ConfigError("method.mu_sgd_passes (Appendix E) trains mu, which method.class_term=false leaves "
                               "out of the loss; drop one of them")
@@ -110,6 +122,11 @@ class MiCE(MomentumMethod):
         self.register_buffer("mu_sum", torch.zeros(k, dim))                        # (K, D)
         self.register_buffer("mu_count", torch.zeros(k))                           # (K,)
         self.register_buffer("posterior_hist", torch.zeros(self.posterior_bins))   # (10,) this epoch's q_k values
+        # () the prior warm-up's factor on 1/kappa (g is scaled by it): 0 = uniform prior, 1 = the full prior. A
+        # buffer, not a float, so that a compiled forward is not rebuilt as it changes.
+        self.prior_uniform_epochs, self.prior_ramp_epochs = cfg.prior_uniform_epochs, cfg.prior_ramp_epochs
+        self.register_buffer("prior_scale", torch.tensor(self.prior_strength(0.0)))
+        self._prior_scale_set = self.prior_strength(0.0)
 
     # ---- configuration ---------------------------------------------------------------------------------
     @classmethod
@@ -140,6 +157,27 @@ class MiCE(MomentumMethod):
                 {"params": [self.mu], "weight_decay": weight_decay if decay_mu else 0.0}]
 
     # ---- training ---------------------------------------------------------------------------------------
+    def prior_strength(self, epoch: float) -> float:
+        """The warm-up's factor on 1/kappa at `epoch` (fractional, 0-based): 0 for the first prior_uniform_epochs,
+        then linear to 1 over prior_ramp_epochs; 1 without a warm-up."""
+        t = epoch - self.prior_uniform_epochs
+        if t < 0:
+            return 0.0
+        return 1.0 if t >= self.prior_ramp_epochs else t / self.prior_ramp_epochs
+
+    def set_progress(self, epoch: float) -> None:
+        s = self.prior_strength(epoch)
+        if s != self._prior_scale_set:       # a device write only when it changes (never without a warm-up)
+            self.prior_scale.fill_(s)
+            self._prior_scale_set = s
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint written before the warm-up existed has no prior_scale: it trained with the full prior.
+        if prefix + "mu" in state_dict and prefix + "prior_scale" not in state_dict:
+            state_dict[prefix + "prior_scale"] = torch.ones(())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._prior_scale_set = float("nan")   # the next set_progress writes the buffer again
+
     def student_embed(self, x_f: Tensor, x_g: Tensor) -> tuple[Tensor, Tensor]:
         """Student expert embeddings f (B,K,D) of x_f and gating embeddings g (B,D) of x_g."""
         if self.single_pass:  # faster, but BatchNorm then sees 2B mixed views instead of B of each
@@ -163,7 +201,7 @@ class MiCE(MomentumMethod):
         """views: x_f (student experts), x_v (teacher), x_g (gating; absent under a uniform prior)."""
         v, v_all = self.teacher_keys(views[1])                                    # (B, K, D)
         f, g = self._student(views)
-        loss, posterior = mice_elbo(f, v, g, self._mu_used(), self.omega, self.queue, self.tau, self.kappa,
+        loss, posterior = mice_elbo(f, v, g * self.prior_scale, self._mu_used(), self.omega, self.queue, self.tau, self.kappa,
                                      learn_omega=self.omega_learned)
         return MiCEOutput(loss, posterior, v, v_all)
 
@@ -198,7 +236,7 @@ class MiCE(MomentumMethod):
         with torch.no_grad():
             v = self.teacher(views[1])
             f, g = self._student(views)
-        loss, _ = mice_elbo(f, v, g, self.mu, self.omega, self.queue, self.tau, self.kappa)
+        loss, _ = mice_elbo(f, v, g * self.prior_scale, self.mu, self.omega, self.queue, self.tau, self.kappa)
         return loss
 
     def refine_mu(self, data: EpochData) -> dict[str, Any]:
@@ -256,11 +294,11 @@ class MiCE(MomentumMethod):
         else:
             g = torch.zeros(f.shape[0], self.dim, device=f.device)
         v = self.teacher(x)
-        _, posterior = mice_elbo(f, v, g, self._mu_used(), self.omega, self.queue, self.tau, self.kappa,
-                                 learn_omega=self.omega_learned)
+        _, posterior = mice_elbo(f, v, g * self.prior_scale, self._mu_used(), self.omega, self.queue, self.tau,
+                                 self.kappa, learn_omega=self.omega_learned)
         out = {"posterior": posterior, "probs": posterior, "features": h.float()}
         if self.prior == "gating":
-            out.update(gating=torch.softmax(g @ self.omega.t() / self.kappa, dim=-1), g=g, embedding=g)
+            out.update(gating=torch.softmax(g @ self.omega.t() * self.prior_scale / self.kappa, dim=-1), g=g, embedding=g)
         else:  # one expert (MoCo) or a uniform prior: the mean expert embedding is the representation to cluster
             out["embedding"] = F.normalize(f.mean(1), dim=-1)
         return out
