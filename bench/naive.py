@@ -63,6 +63,7 @@ def naive_forward(model, x_f: Tensor, x_v: Tensor, x_g: Tensor | None) -> NaiveO
     else:                                                           # uniform prior (MoCo): no gating view
         g = torch.zeros(f.shape[0], model.dim, device=f.device)
     mu = model.mu if model.class_term else torch.zeros_like(model.mu)
+    g = g * model.prior_scale                                       # the gating prior's warm-up (1 without one)
     loss, posterior = mice_elbo_reference(f, v, g, mu, model.omega, model.queue, model.tau, model.kappa,
                                           learn_omega=model.omega_learned)
     return NaiveOutput(loss, posterior, v)

@@ -28,7 +28,8 @@ def digits16():
 def make(tmp_path, dataset, amp, channels_last, **extra):
     cfg = load_config("digits", tiny_overrides(tmp_path, **{
         "data.image_size": 16, "backbone.width": 8, "method.queue_size": 128, "optim.batch_size": 64, "train.amp": amp,
-        "train.channels_last": channels_last, "train.run_name": "fast", "train.device": "cpu", **extra}))
+        "train.channels_last": channels_last, "train.run_name": "fast", "train.device": "cpu",
+        "method.prior_ramp_epochs": 0, **extra}))      # the full prior from step 0, so the gate's gradients count
     trainer = Trainer(cfg, tmp_path / "fast", dataset)
     naive = naive_copy(trainer.method)
     return trainer, naive, naive_optimizer(cfg, naive)

@@ -1,8 +1,9 @@
 """MiCE learns: on the bundled digits it must beat k-means on the raw pixels of the same images.
 
-The embedded default config as shipped, seed 0 (about 3 minutes on 2 idle cores). k-means on raw pixels is a
-strong baseline on these well-aligned 8x8 digits (78.9 ACC with seed 0); the default must clear it
-(issue 15 asks 8 points on every seed, not yet met: bench/RESULTS.md).
+The embedded default config as shipped, seed 0 (about 90 s on 2 idle cores). k-means on raw pixels is a
+strong baseline on these well-aligned 8x8 digits (78.9 ACC with seed 0); issue 15 asks the default to beat it
+by 8 ACC points and reach 90 on every seed (bench/RESULTS.md: seeds 0-9 at 94.7-95.6 on 2 threads,
+90.2-95.7 on one).
 """
 import pytest
 
@@ -30,17 +31,19 @@ def test_mice_beats_pixel_kmeans_on_digits(tmp_path):
     mice = result["readouts"]["posterior"]
     print(f"MiCE ACC {mice['acc']:.3f} NMI {mice['nmi']:.3f} ARI {mice['ari']:.3f} sizes {mice['cluster_sizes']}; "
           f"pixel k-means ACC {baseline['acc']:.3f} NMI {baseline['nmi']:.3f} ARI {baseline['ari']:.3f}")
-    # Beats pixel k-means on all three scores, every cluster in use. Issue 15's goal (>= 8 ACC points above it
-    # on every seed, no merged pair) is not met by this recipe: seed 0 measured 87.42 against 78.91 with torch
-    # 2.13 on two threads (bench/RESULTS.md), 79.35 with torch 2.14.1 (issue 15), so the bar here is the baseline.
-    assert mice["acc"] > baseline["acc"]
+    # Issue 15's bar for one seed: ACC >= 90 and >= 8 points above pixel k-means, NMI and ARI above it too, and
+    # every cluster in real use (the 10-seed screen's smallest clusters: 149-156, and 88 on its 90.15 seed).
+    assert mice["acc"] >= max(0.90, baseline["acc"] + 0.08)
     assert mice["nmi"] > baseline["nmi"]
     assert mice["ari"] > baseline["ari"]
-    assert min(mice["cluster_sizes"]) > 0.3 * 1797 / 10
+    assert min(mice["cluster_sizes"]) > 0.4 * 1797 / 10
 
 
+# The digits config as it was when the figures below were measured (16 px, batch 64, a 2-epoch warm-up; MoCo's
+# queue 1024 and EMA 0.99): MiCE's default recipe since (issue 15) is not theirs.
+EARLIER_DIGITS = ["--data.image_size=16", "--optim.batch_size=64", "--optim.warmup_epochs=2"]
 METHOD_SETTINGS = {
-    "moco": ["--method.tau=0.2"],
+    "moco": ["--method.tau=0.2", "--method.queue_size=1024", "--method.ema_momentum=0.99"],
     "simclr": ["--optim.name=adam", "--optim.lr=1e-3", "--optim.schedule=cosine", "--method.temperature=0.5",
                "--method.embed_dim=32", "--method.hidden_dim=128"],
     "mixem": ["--optim.name=adam", "--optim.lr=1e-3", "--optim.schedule=cosine", "--method.temperature=0.5",
@@ -62,7 +65,7 @@ def test_other_methods_learn_on_digits(method, tmp_path):
 
     cfg = load_config("digits", [f"--train.out_dir={tmp_path}", "--train.progress=false", f"--method={method}",
                                  "--optim.epochs=10", "--optim.lr_steps=[8]", "--eval.pixel_baseline=false",
-                                 "--eval.kmeans_restarts=2"] + METHOD_SETTINGS[method])
+                                 "--eval.kmeans_restarts=2"] + EARLIER_DIGITS + METHOD_SETTINGS[method])
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.fit()
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

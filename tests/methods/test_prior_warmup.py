@@ -85,11 +85,22 @@ def test_strength_is_checkpointed_and_rewritten_after_a_load():
 
 
 @pytest.mark.parametrize("bad,match", [(["--method.prior_ramp_epochs=-1"], "prior_ramp_epochs"),
-                                       (["--method.prior=uniform", "--method.prior_uniform_epochs=2"],
-                                        "prior=uniform")])
+                                       (["--method.prior_uniform_epochs=-0.5"], "prior_uniform_epochs")])
 def test_bad_settings_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
         load_config("cifar10", SMALL + bad)
+
+
+def test_a3_on_a_config_with_a_warm_up_is_the_uniform_prior():
+    """digits.yaml ramps the prior; the A3 ablation on it (prior=uniform) must run, and the ramp changes nothing."""
+    assert load_config("digits", ["--method.prior=uniform"]).method.prior_ramp_epochs > 0
+    torch.manual_seed(3)
+    x = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    ramped, plain = mice("--method.prior=uniform", "--method.prior_ramp_epochs=4"), mice("--method.prior=uniform")
+    for epoch in (0.0, 2.0, 9.0):
+        ramped.set_progress(epoch)
+        a, b = ramped(list(x)), plain(list(x))
+        assert torch.equal(a.loss, b.loss) and torch.equal(a.posterior, b.posterior)
 
 
 def test_trainer_drives_the_warm_up_per_step(tmp_path, digits_small):
