@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     lr_steps, warmup_epochs = compressed_schedule(cfg.optim, epochs)
     o, t = trainer.cfg.optim, trainer.cfg.train
     o.epochs, o.lr_steps, o.warmup_epochs = epochs, lr_steps, warmup_epochs
+    m = trainer.cfg.method
+    if hasattr(m, "prior_ramp_epochs"):                            # MiCE's prior warm-up shrinks with the rest
+        scale = epochs / paper_epochs
+        m.prior_uniform_epochs, m.prior_ramp_epochs = m.prior_uniform_epochs * scale, m.prior_ramp_epochs * scale
+        trainer.method.prior_uniform_epochs, trainer.method.prior_ramp_epochs = m.prior_uniform_epochs, m.prior_ramp_epochs
     t.max_steps = max(min(total, epochs * spe), trainer.global_step + 1)
     t.checkpoint_every = epochs                                    # one checkpoint, at the end
     print(f"first step {first_s:.1f} s, then {rate:.2f} steps/s ({rate * bs:,.0f} samples/s): planned "

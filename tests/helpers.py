@@ -25,8 +25,11 @@ def tiny_overrides(out_dir, **extra):
          "train.out_dir": str(out_dir), "train.progress": "false", "train.checkpoint_every": 1,
          "train.log_every": 2, "eval.kmeans_niter": 5, "eval.pixel_baseline": "false"}
     o.update(extra)
-    if o.get("method", o.get("method.name", "mice")) not in ("mice", "moco"):
+    method = o.get("method", o.get("method.name", "mice"))
+    if method not in ("mice", "moco"):
         o.pop("method.queue_size")          # a queue only where the method has one
+    if method == "mice":                    # the paper's prior from step 0: a 10-epoch ramp would hold these
+        o.setdefault("method.prior_ramp_epochs", 0)   # 2-epoch runs near uniform (test_prior_warmup tests it)
     return [f"--{k}={v}" for k, v in o.items()]
 
 

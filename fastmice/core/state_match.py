@@ -147,7 +147,11 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, Any], save
     raises the :class:`CheckpointMismatch` of :func:`explain_state_mismatch` (``from None``) and leaves the
     model untouched (torch's own load copies the matching tensors before it reports the others). Any other
     failure of load_state_dict (e.g. a dtype that cannot be copied) becomes a CheckpointMismatch too, with
-    torch's first line in the message."""
+    torch's first line in the message. A model with an ``upgrade_state(state_dict)`` method (every
+    fastmice Method) first brings a checkpoint of an earlier version to its current names."""
+    upgrade = getattr(model, "upgrade_state", None)
+    if callable(upgrade):
+        state_dict = upgrade(state_dict)
     mismatch = explain_state_mismatch(model.state_dict(), state_dict, saved_config, config, where, purpose)
     if mismatch is not None:
         raise mismatch from None

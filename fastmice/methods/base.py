@@ -12,7 +12,7 @@ Device rules: a method never moves tensors between devices and never waits on th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -118,6 +118,12 @@ class Method(nn.Module):
         """The training forward on this rank's views (num_views tensors (B, 3, S, S), the run's dtype and
         layout) of the samples `index` ((B,) int64 dataset rows on the device, or None); returns the loss."""
         raise NotImplementedError
+
+    def upgrade_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A checkpoint's model state in this version's names: a tensor an earlier version did not save gets the
+        value that reproduces how that version ran. Called before the names are checked on every load (resume,
+        eval, report, init_from). Default: unchanged."""
+        return dict(state)
 
     def set_progress(self, epoch: float) -> None:
         """Before each training step: how far training is, in epochs (0-based, fractional: epoch + step / steps

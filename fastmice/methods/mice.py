@@ -8,6 +8,8 @@ learned, and Appendix E's SGD on mu alone at the end of each epoch.
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +53,7 @@ class MiCEConfig(MethodConfig):
     mu_sgd_passes: int = 0
     mu_sgd_tol: float = 1e-4
     # A warm-up of the gating prior (not in the paper): for the first prior_uniform_epochs the prior is uniform
-    # (A3's pi_k = 1/K; the gating head gets no gradient), then over prior_ramp_epochs 1/kappa rises linearly
+    # (A3's pi_k = 1/K; the gating head gets a zero gradient), then over prior_ramp_epochs 1/kappa rises linearly
     # from 0 to its value, per step. On small data the prior otherwise collapses to ~K/2 clusters in the first
     # epochs, and a merged pair of classes can stay merged (bench/RESULTS.md, the digits).
     # Under prior=uniform (A3) the prior is uniform throughout and these two change nothing.
@@ -133,6 +135,12 @@ class MiCE(MomentumMethod):
         if cfg.data.loader == "dali" and cfg.method.mu_sgd_passes:
             raise ConfigError("method.mu_sgd_passes (Appendix E) re-reads the data between epochs, which only the "
                               "in-memory loader does; use data.loader=memory (or auto) with it")
+        warm = cfg.method.prior_uniform_epochs + cfg.method.prior_ramp_epochs
+        if cfg.method.prior == "gating" and warm > cfg.optim.epochs:
+            warnings.warn(f"method.prior_uniform_epochs + prior_ramp_epochs = {warm:g} is more than optim.epochs = "
+                          f"{cfg.optim.epochs}: the run ends before the gating prior reaches its full strength "
+                          f"(1/kappa); shorten the warm-up with the epochs, e.g. --method.prior_ramp_epochs="
+                          f"{cfg.optim.epochs / 4:g}", stacklevel=2)
 
     def needs_images(self) -> str | None:
         if self.mu_sgd_passes:
@@ -169,10 +177,14 @@ class MiCE(MomentumMethod):
             self.prior_scale.fill_(s)
             self._prior_scale_set = s
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def upgrade_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        state = dict(state)
         # A checkpoint written before the warm-up existed has no prior_scale: it trained with the full prior.
-        if prefix + "mu" in state_dict and prefix + "prior_scale" not in state_dict:
-            state_dict[prefix + "prior_scale"] = torch.ones(())
+        if "mu" in state and "prior_scale" not in state:
+            state["prior_scale"] = torch.ones(())
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._prior_scale_set = float("nan")   # the next set_progress writes the buffer again
 
@@ -305,6 +317,8 @@ class MiCE(MomentumMethod):
         """argmax posterior, argmax gating prior (gating prior only), spherical k-means on the embeddings."""
         result = {"posterior": out["posterior"].argmax(1).cpu().numpy()}
         if "gating" in out:
-            result["gating"] = out["gating"].argmax(1).cpu().numpy()
+            # argmax of the logits, not of the probabilities: the same for any prior strength > 0, and no
+            # all-way tie (every image in cluster 0) while a warm-up holds the prior uniform
+            result["gating"] = (out["g"] @ self.omega.t().to(out["g"])).argmax(1).cpu().numpy()
         result["kmeans"] = kmeans_readout(out["embedding"], self.num_clusters, eval_cfg, seed)
         return result

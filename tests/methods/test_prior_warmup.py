@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import make_trainer
+from tests.helpers import assert_same_state, make_trainer, tiny_overrides
 from fastmice.config import load_config
 from fastmice.core.errors import ConfigError
 from fastmice.engine.trainer import Trainer
@@ -78,10 +78,28 @@ def test_strength_is_checkpointed_and_rewritten_after_a_load():
     fresh.load_state_dict(state | {"prior_scale": torch.tensor(0.1)})
     fresh.set_progress(0.0)
     assert float(fresh.prior_scale) == 0.0
-    old = {k: v for k, v in mice().state_dict().items() if k != "prior_scale"}   # written before the switch
-    legacy = mice("--method.prior_ramp_epochs=4")
-    legacy.load_state_dict(old)
-    assert float(legacy.prior_scale) == 1.0
+
+
+def test_a_checkpoint_from_before_the_switch_resumes_and_evaluates(tmp_path, digits_small):
+    """Written before prior_scale existed: every loader (resume, eval, init_from) takes it, at the full prior."""
+    from fastmice.core.checkpoint import atomic_save, load_checkpoint
+    from fastmice.engine.pretrained import load_pretrained
+    from fastmice.eval.run import load_run
+    t = make_trainer(tmp_path, digits_small, "old", **{"method.prior_ramp_epochs": 0, "train.max_steps": 5})
+    t.fit()
+    ckpt = load_checkpoint(tmp_path / "old")
+    del ckpt["model"]["prior_scale"]
+    for key in ("prior_uniform_epochs", "prior_ramp_epochs"):
+        del ckpt["config"]["method"][key]
+    atomic_save(ckpt, tmp_path / "old" / "checkpoint.pt")
+    resumed = Trainer.resume(tmp_path / "old", {"train": {"max_steps": 7}}, digits_small)
+    assert float(resumed.method.prior_scale) == 1.0 and resumed.cfg.method.prior_ramp_epochs == 0
+    run = load_run(tmp_path / "old", device="cpu")
+    assert float(run.model.prior_scale) == 1.0
+    target = build_method(load_config("digits", tiny_overrides(tmp_path, **{"method.prior_ramp_epochs": 10})))
+    load_pretrained(target, tmp_path / "old", scope="model")
+    assert float(target.prior_scale) == 1.0
+    assert torch.equal(target.mu, ckpt["model"]["mu"])
 
 
 @pytest.mark.parametrize("bad,match", [(["--method.prior_ramp_epochs=-1"], "prior_ramp_epochs"),
@@ -120,3 +138,20 @@ def test_trainer_drives_the_warm_up_per_step(tmp_path, digits_small):
     assert seen == pytest.approx(want) and seen[0] == 0.0 and seen[-1] == 1.0 and 0 < seen[spe] < 1
     resumed = Trainer.resume(tmp_path / "warm", {"optim": {"epochs": 3}}, digits_small)
     assert float(resumed.method.prior_scale) == 1.0
+
+
+def test_resume_mid_ramp_equals_uninterrupted(tmp_path, digits_small):
+    warm = {"method.prior_ramp_epochs": 1.5}
+    full = make_trainer(tmp_path, digits_small, "full", **warm)
+    full.fit()                                                 # 2 epochs x 10 steps
+    part = make_trainer(tmp_path, digits_small, "part", **warm, **{"train.max_steps": 13})
+    part.fit()                                                 # stops at 13 / 15 steps of the ramp
+    assert 0 < float(part.method.prior_scale) < 1
+    resumed = Trainer.resume(tmp_path / "part", {"train": {"max_steps": None}}, digits_small)
+    resumed.fit()
+    assert_same_state(full, resumed)
+
+
+def test_a_run_shorter_than_the_warm_up_is_warned_about():
+    with pytest.warns(UserWarning, match="prior_ramp_epochs = 10 is more than optim.epochs = 5"):
+        load_config("digits", ["--optim.epochs=5"])
