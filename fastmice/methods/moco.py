@@ -43,6 +43,11 @@ class MoCo(MiCE):
         self.cfg = cfg
         self.num_clusters = cfg.num_clusters
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """The base's checks only: MiCE's are about settings (mu passes, the prior warm-up) MoCo does not have."""
+        Method.check_config.__func__(cls, cfg)
+
     def readouts(self, out, eval_cfg, seed):
         """Spherical k-means of the (single) expert embeddings, best of eval.kmeans_restarts."""
         return Method.readouts(self, out, eval_cfg, seed)   # the base's k-means, not MiCE's posterior readouts
