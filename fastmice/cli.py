@@ -15,7 +15,7 @@ TRAIN_HELP = """\
 Train a clustering model. CONFIG is a YAML file or the name of a bundled config
 (digits, cifar10, cifar100_20, stl10, imagenet_dog, and mixem_*, simclr_*, moco_* for cifar10,
 cifar100_20 and stl10); without one, the embedded default trains MiCE on scikit-learn's bundled digits
-(no download, about 90 s on 2 CPU cores). The config's `method:` picks mice, mixem, simclr or moco.
+(no download, 1.5-2.5 minutes on 2 CPU cores). The config's `method:` picks mice, mixem, simclr or moco.
 
 Any setting can be overridden as --section.key=value, e.g.
   fastmice train cifar10 --data.root=~/data/cifar10-jpeg --optim.epochs=200 --train.run_name=c10

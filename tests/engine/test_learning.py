@@ -1,6 +1,6 @@
 """MiCE learns: on the bundled digits it must beat k-means on the raw pixels of the same images.
 
-The embedded default config as shipped, seed 0 (about 90 s on 2 idle cores). k-means on raw pixels is a
+The embedded default config as shipped, seed 0 (90-140 s on 2 idle cores). k-means on raw pixels is a
 strong baseline on these well-aligned 8x8 digits (78.9 ACC with seed 0); issue 15 asks the default to beat it
 by 8 ACC points and reach 90 on every seed (bench/RESULTS.md: seeds 0-9 at 94.7-95.6 on 2 threads,
 90.2-95.7 on one).
