@@ -46,7 +46,7 @@ class MoCo(MiCE):
     @classmethod
     def check_config(cls, cfg) -> None:
         """The base's checks only: MiCE's are about settings (mu passes, the prior warm-up) MoCo does not have."""
-        Method.check_config.__func__(cls, cfg)
+        super(MiCE, cls).check_config(cfg)   # skips MiCE's own, as readouts below skips MiCE's readouts
 
     def readouts(self, out, eval_cfg, seed):
         """Spherical k-means of the (single) expert embeddings, best of eval.kmeans_restarts."""
